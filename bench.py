@@ -1,0 +1,639 @@
+"""
+bench.py: check LaVIN's efficiency claims on your own hardware, side by side with LoRA, MixLoRA and full fine-tuning.
+
+The paper's headline is cost (Luo et al., NeurIPS 2023, arXiv 2305.15023, Table 6; spec lavin-spec.md §4, §5.3, §13):
+LaVIN-7B trains 3.8M parameters (exactly 3,781,296) for 20 ScienceQA epochs in 1.4 h on 8 A100s, peaking at 33.9 GB
+and leaving a 15 MB checkpoint; LaVIN-13B trains 5.4M (5,390,080) in 2 h, 55.9 GB, 20 MB. This script prints
+
+  1. trainable parameters and checkpoint size by method at the real 7B/13B shapes (built on the meta device: no
+     memory, no weights), beside the paper's figures;
+  2. a measured training step (forward, backward, AdamW) per method on this machine: step time, tokens/s,
+     samples/s, peak memory, and achieved FLOP/s with the FLOP count it rests on;
+  3. the wall time that step extrapolates to for ScienceQA (12,726 samples x epochs on --gpus such devices), next to
+     the paper's hours and to the floor set by the device's peak FLOP/s; and, device-independent, what the paper's
+     1.4 h / 2 h on 8 A100s imply about its utilisation;
+  4. generation throughput with the KV cache, adapters merged into the weights against unmerged;
+
+as readable tables, then as one JSON object (also written to --json PATH).
+
+    python bench.py                                      # CPU: tiny model, all four methods, under 2 minutes
+    python bench.py --model 7B --methods mma,lora        # one GPU: random weights of the real shapes, the real step
+    python bench.py --model 13B --seq pad512 --gpus 8    # 13B as the official code pads it (to 512 tokens)
+    python bench.py --model 7B --methods full --batch_size 1   # full FT in pure bf16 (~56 GB + activations)
+
+No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
+materialised on the GPU with `to_empty` and filled with random numbers.
+
+FLOPs and MFU with a frozen base (style-guide §4.1). nanoGPT's 6N per token assumes every weight trains: 2N forward,
+2N for the input gradients, 2N for the weight gradients. A frozen weight that gradients must pass through (every LLaMA
+weight here, since the adapters and the visual neck sit at its input) skips the weight gradient and costs 4N; a frozen
+weight with nothing trainable below it (CLIP under LoRA, which runs under no_grad) costs 2N. So per LLaMA token
+
+    F(T) = 4 N_frozen + 6 N_trainable + 12 L d T            (T: the padded sequence length the kernels really process)
+
+plus the CLIP tower once per image. MFU = (F per step / step time) / device peak: the fraction of the peak spent on
+work the method cannot avoid. Counting a frozen base as 6N would inflate MFU by about 1.5x. Decoding is memory-bound,
+so part 4 reports bandwidth (weight bytes read per second), not MFU.
+
+Read the extrapolation for what it is: the measured FLOP/s held constant over every batch of the run, perfect scaling
+across --gpus devices, and no data loading. For the tiny CPU model it describes that toy, not LaVIN-7B on A100s.
+
+Tests: python -m pytest -q test_bench.py
+"""
+
+import argparse
+import gc
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from adapters import METHODS, AdapterArgs, LoRALinear, MixLoRALinear
+from clip_vit import VISION_PRESETS
+from data import IGNORE, N_VISUAL, SCIENCEQA_TRAIN_LENGTH_PERCENTILES
+from model import LLAMA_PRESETS, build_lavin, count_params, format_param_table, param_table
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the paper claims (Table 6 and the README model zoo, spec §5.3), and what it trains on (spec §0, §5.1)
+
+PAPER = {"7B": dict(trainable="3.8M", hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),
+         "13B": dict(trainable="5.4M", hours=2.0, gpus=8, gpu="A100", mem_gb=55.9, ckpt_mb=20)}
+SQA_TRAIN = 12_726  # ScienceQA train problems
+SQA_IMAGES = 6_218  # of which have an image (48.9%): these pay for a CLIP pass
+MAX_SEQ_LEN = 512  # the official max_seq_len: longer samples are truncated, and the official loader pads to it
+GEN_PROMPT_LEN = 128  # generation prompts: roughly a median ScienceQA prompt without its answer
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets. Looked up by device name, first
+# match wins, so the PCIe H100 (lower clocks) comes before the plain "H100" (SXM). PCIe A100s share the SXM peak.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the docstring of bench.py for the "
+                                "FLOP model and what MFU means with a frozen base.")
+    p.add_argument("--model", default="tiny", choices=list(LLAMA_PRESETS),
+                   help="LLaMA shapes of the measured step (default tiny; 7B/13B: random weights, need a GPU)")
+    p.add_argument("--vision", default=None, choices=list(VISION_PRESETS),
+                   help="CLIP tower (default: tiny for --model tiny, ViT-L/14 otherwise)")
+    p.add_argument("--methods", default=None,
+                   help="comma list of " + ",".join(METHODS) + " (default: all four on CPU, where the tiny model "
+                        "makes them cheap; mma on a GPU, where each 7B build takes a while)")
+    p.add_argument("--lora_rank", type=int, default=64,
+                   help="LoRA rank of the measured lora row (default 64, LLaVA's)")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="samples per device per step (default 4, the official per-GPU batch)")
+    p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"],
+                   help="lengths: real ScienceQA distribution padded to each batch's longest (default, as our "
+                        "data.collate), or every sample padded to 512 (as the official loader)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first: allocator, cuBLAS heuristics, compile (default 2)")
+    p.add_argument("--gpus", type=int, default=8, help="N devices for the extrapolation (default 8, as the paper)")
+    p.add_argument("--epochs", type=int, default=20,
+                   help="ScienceQA epochs for the extrapolation (default 20, as the paper)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="device peak for MFU and the floor (default: looked up for A100/H100/H200 in bf16)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="frozen weights and autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    p.add_argument("--gen_tokens", type=int, default=16,
+                   help="new tokens per prompt in the generation benchmark (default 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default on CPU: 1; the tiny model's 128-wide matmuls gain little "
+                        "from more, and on a shared machine threads that wait for busy cores make steps up to 10x "
+                        "slower and the timings noise; on GPU: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this path")
+    p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
+    args = p.parse_args(argv)
+
+    # The current device: one GPU if there is one (bench measures one device; part 3 scales to --gpus of them).
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model != "tiny" and args.device.type != "cuda":
+        p.error(f"--model {args.model} needs a GPU: its frozen weights alone are "
+                f"{'13' if args.model == '7B' else '26'} GB in bf16 (on CPU use --model tiny)")
+    args.vision = args.vision or ("tiny" if args.model == "tiny" else "ViT-L/14")
+    methods = args.methods or (",".join(METHODS) if args.device.type == "cpu" else "mma")  # see --help
+    args.methods = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        p.error(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
+    args.threads = args.threads or (None if args.device.type == "cuda" else 1)  # see --help
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    for name in ("batch_size", "steps", "gpus", "epochs", "gen_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The FLOP model (style-guide §4.1): count the matmul weights each token passes through, by what backward does there
+
+def _linear_cost(lin, grad_in: bool) -> float:
+    """FLOPs per token through one (possibly LoRA-wrapped) linear: 2 per weight forward, 2 more if gradients must
+    pass to its input, 2 more if the weight itself trains. LoRA factors train: 6 per factor weight."""
+    w = lin.weight
+    cost = (2 + 2 * grad_in + 2 * w.requires_grad) * w.numel()
+    if isinstance(lin, MixLoRALinear):
+        # Only the r chosen rank-1 factors of the pool of E touch a token: r (d_in + d_out) weights, not E (...).
+        # The routers run once per sequence on the pooled input, so their cost is ignored (< 0.1% at 7B).
+        cost += 6 * lin.router.rank * (lin.in_features + lin.out_features)
+    elif isinstance(lin, LoRALinear):
+        cost += 6 * (lin.lora_A.numel() + lin.lora_B.numel())
+    return cost
+
+
+def _adapter_cost(adapter) -> float:
+    """An MM-Adapter per token: the down-projection and both grouped up-projections, all trainable. Its router reads
+    one vector per sample (the modality token or CLS), so it is left out, as are all biases and norms."""
+    if adapter is None:
+        return 0.0
+    return 6 * (adapter.down.weight.numel() + adapter.up0.weight.numel() + adapter.up1.weight.numel())
+
+
+def flop_model(model) -> dict:
+    """
+    Per-token and per-image FLOP coefficients of one training step, from the model's modules (so every method and
+    size is counted by the same rule). LLaMA: gradients always flow through every block, because the visual neck (and
+    in MMA the block-0 adapter and the modality token) train at its input. CLIP: only if something in it trains.
+    """
+    llama, vis = model.llama, model.visual
+    linears = [lin for layer in llama.layers for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
+               layer.attention.wo, layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3)]
+    linears.append(llama.output)  # the head is on the loss path; the input embedding is a lookup and not counted
+    n_frozen = sum(lin.weight.numel() for lin in linears if not lin.weight.requires_grad)
+    llama_mm = sum(_linear_cost(lin, grad_in=True) for lin in linears)  # exact FLOPs per token, LoRA factors included
+    llama_mm += sum(_adapter_cost(layer.adapter_attn) for layer in llama.layers)
+    # Frozen weights cost exactly 4 each above, so the rest is 6 x the trainable weights a token touches: all of them
+    # in full fine-tuning, the LoRA factors, MixLoRA's r chosen factors, or the MM-Adapters' projections.
+    n_trainable = (llama_mm - 4 * n_frozen) / 6
+
+    # CLIP per image: T_v = patches + CLS tokens (257 at ViT-L/14 and 224 px), every block, plus the neck.
+    a = vis.args
+    t_vis = (a.image_size // a.patch_size) ** 2 + 1
+    vis_grad = any(p.requires_grad for p in vis.parameters())  # LoRA / MixLoRA: CLIP runs under no_grad (model.embed)
+    per_tok = sum(_linear_cost(lin, vis_grad) + _adapter_cost(b.adapter_attn)
+                  for b in vis.blocks for lin in (b.attn.in_proj, b.attn.out_proj, b.mlp.c_fc, b.mlp.c_proj))
+    attn = (12 if vis_grad else 4) * a.layers * a.width * t_vis  # QK^T and AV: 4 L d T forward, twice that backward
+    patch = _linear_cost(vis.conv1, grad_in=False) * (t_vis - 1)  # the patch conv is a matmul; pixels need no gradient
+    neck = sum(_linear_cost(fc, True) for fc in (model.adapter_proj.fc1, model.adapter_proj.fc2)) * N_VISUAL
+    return {"n_frozen": n_frozen, "n_trainable": n_trainable, "llama_matmul": llama_mm,
+            "attn_coef": 12 * llama.args.n_layers * llama.args.dim,  # x T gives the attention FLOPs per token
+            "vision_per_image": t_vis * (per_tok + attn) + patch + neck}
+
+
+def flops_per_token(fm: dict, T) -> float:
+    """F(T) = 4 N_frozen + 6 N_trainable + 12 L d T, per processed LLaMA token in a sequence of length T."""
+    return fm["llama_matmul"] + fm["attn_coef"] * T
+
+
+def batch_flops(fm: dict, batch_len, batch_size: int, n_images) -> float:
+    """One step: batch_size rows all padded to batch_len (the kernels do not skip pads), plus one CLIP pass per image.
+    Works elementwise on numpy arrays of batch lengths too."""
+    return batch_size * batch_len * flops_per_token(fm, batch_len) + n_images * fm["vision_per_image"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic ScienceQA-shaped batches
+
+def sample_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n training-sequence lengths (modality token + BOS ... EOS) drawn from data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES by
+    inverse-CDF sampling with linear interpolation between the tabulated percentiles; truncated at 512 like the
+    official loader."""
+    pct = np.array(sorted(SCIENCEQA_TRAIN_LENGTH_PERCENTILES), dtype=float)  # (K,) 0, 5, ..., 100
+    val = np.array([SCIENCEQA_TRAIN_LENGTH_PERCENTILES[k] for k in sorted(SCIENCEQA_TRAIN_LENGTH_PERCENTILES)], float)
+    # A uniform percentile u maps to the length at that percentile: the samples follow the tabulated CDF, piecewise
+    # linearly in between (the top 1% is the coarsest stretch, but only 1% of samples live there).
+    lens = np.interp(rng.uniform(0, 100, n), pct, val)  # (n,)
+    return np.minimum(np.round(lens), MAX_SEQ_LEN).astype(int)
+
+
+def make_batch(lengths, pad_to, vocab: int, image_size: int, device, gen: torch.Generator) -> dict:
+    """
+    A batch in data.collate's layout with random token ids: row b has lengths[b] positions including the modality
+    token the model prepends, so tokens (B, T - 1) with T = pad_to or max(lengths). Even rows carry an image: the
+    6 placeholder 0s after BOS and the 3 pieces of "Image: ", as data.py lays them out. The last quarter of each row
+    is labelled (the answer and EOS); pads are 0 with label IGNORE.
+    """
+    # Token values do not change the cost of a step, only the shapes and which rows carry an image do; random ids
+    # keep the batch independent of any tokenizer, so 7B/13B need no files at all.
+    B = len(lengths)
+    T = pad_to or max(lengths)
+    tokens = torch.zeros(B, T - 1, dtype=torch.long)  # (B, T - 1): the model adds slot 0
+    labels = torch.full((B, T - 1), IGNORE, dtype=torch.long)  # (B, T - 1)
+    vis_mask = torch.zeros(B, T - 1, dtype=torch.bool)  # (B, T - 1): True at image rows' 6 placeholder slots
+    # Alternate rows carry an image: 48.9% of ScienceQA does, and a deterministic split keeps methods comparable.
+    has_image = torch.tensor([b % 2 == 0 for b in range(B)], dtype=torch.long)  # (B,)
+    for b, n in enumerate(lengths):
+        n = int(n) - 1  # this row's tokens without the modality token
+        row = torch.randint(3, vocab, (n,), generator=gen)  # ids >= 3: never pad/placeholder 0, BOS 1 or EOS 2
+        row[0] = 1  # BOS
+        if has_image[b]:
+            # [BOS] + 3 pieces of "Image: " (data.py's LLaMA tokenisation), then the 6 placeholders at slots 4..9,
+            # which model.embed overwrites with the neck's visual tokens
+            row[4:4 + N_VISUAL] = 0
+            vis_mask[b, 4:4 + N_VISUAL] = True
+        tokens[b, :n] = row
+        # The loss covers answer tokens + EOS only (spec §6.3); a quarter of the row is about a ScienceQA QCM-ALE
+        # answer (lecture + solution). It barely matters for cost: the head runs on every position either way.
+        ans = max(1, n // 4)
+        labels[b, n - ans:n] = row[n - ans:n]
+    n_img = int(has_image.sum())
+    images = torch.randn(n_img, 3, image_size, image_size, generator=gen) if n_img else None  # (N_img, 3, S, S)
+    out = dict(tokens=tokens, labels=labels, vis_mask=vis_mask, has_image=has_image, images=images)
+    return {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+
+
+def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: int) -> tuple[float, float]:
+    """(FLOPs, processed tokens) to train on ScienceQA's 12,726 samples for `epochs`: lengths drawn from the real
+    distribution, shuffled into batches of batch_size, each padded to its longest sample (or all to 512)."""
+    # One simulated epoch stands for all of them: a fresh shuffle per epoch changes which samples meet in a batch,
+    # but the expected padding, and so the FLOPs, stay the same.
+    rng = np.random.default_rng(seed)
+    lens = sample_lengths(SQA_TRAIN, rng)  # (N,) in random order, as the official (ungrouped) shuffling gives
+    n_batches = math.ceil(SQA_TRAIN / batch_size)
+    # The last batch is short: its missing rows count as padding (fewer than batch_size samples, negligible).
+    lens = np.pad(lens, (0, n_batches * batch_size - SQA_TRAIN))  # (n_batches * batch_size,)
+    if seq == "pad512":
+        batch_len = np.full(n_batches, MAX_SEQ_LEN)  # the official loader pads every sample to max_seq_len up front
+    else:
+        batch_len = lens.reshape(n_batches, batch_size).max(1)  # (n_batches,): data.collate pads to the longest row
+    llama = batch_flops(fm, batch_len.astype(float), batch_size, 0).sum()  # LLaMA FLOPs of all batches
+    total = llama + SQA_IMAGES * fm["vision_per_image"]  # + one CLIP pass per image sample
+    return epochs * total, epochs * float(batch_size * batch_len.sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building, timing
+
+def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, seed: int):
+    """
+    A LaVIN with random weights at the preset's shapes, built the way a 7B must be: on the meta device (free), cast
+    there, then materialised on `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU,
+    as the paper keeps them in fp16); trainable ones stay fp32 masters under autocast, except for full fine-tuning in
+    bf16, where fp32 masters plus AdamW state of a 7B (~112 GB) fit no single GPU, so everything stays bf16.
+    """
+    tau = 5.0 if size == "13B" else 10.0  # official scripts: 10 for 7B, 5 for 13B (spec §5.1)
+    model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank, tau=tau), device="meta")
+    model.to(dtype)  # on the meta device a cast only relabels the dtype
+    if method != "full":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # meta tensors: only the dtype changes, nothing is allocated
+    model.to_empty(device=device)  # allocates every tensor, uninitialised, in the dtype chosen above
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: filling 7B values stays on the GPU
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                # Every matrix, adapters included (their real init zeroes the up-projections, which would make the
+                # merged-vs-unmerged comparison of part 4 trivially equal).
+                p.normal_(0.0, 0.02, generator=gen)
+            elif name.endswith("weight"):
+                p.fill_(1.0)  # RMSNorm / LayerNorm gains
+            else:
+                p.zero_()  # biases
+    model.llama.init_rope(device)  # non-persistent buffers: to_empty left them uninitialised
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA calls return before the GPU finishes: time only finished work
+
+
+def peak_memory_gb(device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GiB allocated (CUDA)"
+    # CPU: the process's peak resident set, which cannot be reset, so it only grows from row to row. Linux reports KiB.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return rss / 2**30, "GiB process peak RSS so far (CPU)"
+
+
+def measure_train(model, batch: dict, args, amp) -> list[float]:
+    """Seconds per training step (forward + backward + AdamW), warmup steps dropped."""
+    model.train()  # adapter dropout on, as in training
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The official recipe's optimizer (spec §5.1); the fused CUDA kernel is lighter on memory for full fine-tuning.
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02,
+                            fused=args.device.type == "cuda")
+    # Compiling wraps the module; generation below keeps using the plain one (its KV-cache loop changes shapes).
+    step_model = torch.compile(model) if args.compile else model
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(args.device)  # start the clock with the GPU idle
+        t0 = time.perf_counter()
+        with amp:
+            loss = step_model(**batch)  # forward + the cross-entropy on labelled positions (model.LaVIN.forward)
+        loss.backward()  # outside autocast, as recommended: backward ops reuse the forward's dtypes
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # set_to_none frees the gradients between steps, as train.py does
+        sync(args.device)  # stop it once the GPU has finished the step, not when Python has queued it
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
+    return times
+
+
+def measure_generate(model, args, amp, merge: bool) -> dict:
+    """Greedy batched generation of --gen_tokens per prompt with the KV cache. All prompts are image prompts, since a
+    merged model serves one modality. Returns tokens/s over the whole call, decode tokens/s after the first token,
+    prefill time, and the tokens themselves (to compare merged with unmerged)."""
+    model.eval()
+    vocab, S = model.llama.args.vocab_size, model.visual.args.image_size
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prompts = []  # B lists of 1 + GEN_PROMPT_LEN + 6 ids; equal lengths, so no left padding is timed
+    for _ in range(args.batch_size):  # data.encode_prompt's layout: [BOS] "Image: " [0]*6 prompt
+        body = torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()
+        prompts.append([1] + body[:3] + [0] * N_VISUAL + body[3:])
+    images = torch.randn(args.batch_size, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
+    has_image = [True] * args.batch_size
+    if merge:
+        with amp:  # bf16 frozen weights + fp32 adapters: merge's router pass needs autocast like any forward
+            model.merge(1)
+    try:
+        runs = []
+        for _ in range(3):  # the first run is a warm-up; the other two are timed
+            stamps = []
+
+            def on_token(_):  # called once per new token; stamps the first (end of prefill) and the rest
+                sync(args.device)
+                stamps.append(time.perf_counter())
+
+            sync(args.device)
+            t0 = time.perf_counter()
+            with amp:
+                # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
+                out = model.generate(prompts, has_image, images, max_new_tokens=args.gen_tokens, eos_id=-1,
+                                     on_token=on_token)
+            sync(args.device)
+            runs.append((time.perf_counter() - t0, stamps[0] - t0, stamps[-1] - stamps[0]))
+    finally:
+        model.unmerge()
+    # runs: (whole call, prefill until the first token, decode of the remaining gen_tokens - 1 steps), seconds
+    total, prefill, decode = (statistics.median(r[i] for r in runs[1:]) for i in range(3))
+    n_new = args.batch_size * args.gen_tokens
+    # Each decode step reads every LLaMA weight once (the embedding is a lookup of B rows): weight bytes per second
+    # is the roofline that matters for decode, since its arithmetic intensity is only about B FLOPs per byte.
+    w_bytes = sum(p.numel() * p.element_size() for n, p in model.llama.named_parameters() if "tok_emb" not in n)
+    steps_s = (args.gen_tokens - 1) / decode if decode > 0 else float("nan")
+    return {"tok_s": n_new / total, "decode_tok_s": args.batch_size * steps_s, "prefill_ms": 1e3 * prefill,
+            "bandwidth_GBs": w_bytes * steps_s / 1e9, "tokens": out}
+
+
+def device_peak(args) -> tuple[float | None, str]:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12, "--peak_tflops"
+    if args.device.type == "cuda":
+        name = torch.cuda.get_device_name(args.device)
+        if args.dtype != "bf16":
+            return None, f"{name}: no lookup for {args.dtype} (pass --peak_tflops)"
+        for key, tflops in PEAK_BF16_TFLOPS:
+            if key in name:
+                return tflops * 1e12, f"{name}, dense bf16"
+        return None, f"{name}: not in the peak table (pass --peak_tflops)"
+    return None, "CPU: unknown (pass --peak_tflops)"
+
+
+def si(x: float | None, unit: str = "") -> str:
+    """1.23e12 -> '1.23 T' + unit."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def fmt(d: dict, key: str, spec: str) -> str:
+    return format(d[key], spec) if key in d else "n/a"
+
+
+def hours(s: float | None) -> str:
+    return "-" if s is None or not math.isfinite(s) else (f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The four parts
+
+def bench_method(method: str, args, amp, dtype, batch: dict, useful_tokens: int, peak) -> dict:
+    """Build one method's model, time its training step and its generation. Returns one result row."""
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+    model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed)
+    fm = flop_model(model)
+    trainable, total = count_params(model)
+    B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
+    n_img = 0 if batch["images"] is None else batch["images"].shape[0]
+    step_flops = batch_flops(fm, T, B, n_img)  # the work the step must do; the achieved rate divides this by time
+    times = measure_train(model, batch, args, amp)
+    t = statistics.median(times)  # the median shrugs off a step that a neighbour process or a GC pause slowed
+    mem, mem_kind = peak_memory_gb(args.device)
+    label = {"mma": "MMA (LaVIN)", "lora": f"LoRA r={args.lora_rank}", "mixlora": "MixLoRA E=16 r=4",
+             "full": "Full"}[method]
+    row = {"method": method, "label": label, "trainable": trainable, "total": total,
+           "step_ms": 1e3 * t, "step_ms_all": [1e3 * x for x in times], "tokens_s": B * T / t,
+           "useful_tokens_s": useful_tokens / t, "samples_s": B / t, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
+           "flops_per_token": flops_per_token(fm, T), "flops_per_image": fm["vision_per_image"],
+           "flops_per_step": step_flops, "flops_per_sample": step_flops / B, "achieved_flops_s": step_flops / t,
+           "mfu": step_flops / t / peak if peak else None, "flop_model": fm}
+    # Part 3 for this method: the same achieved FLOP/s applied to the whole training set, both length regimes.
+    # est. time = total FLOPs / (achieved FLOP/s x N): the measured step time scaled by the FLOP ratio between the
+    # measured batch and the whole run. floor = total FLOPs / (peak x N), what 100% MFU would take.
+    row["extrapolation"] = {}
+    for seq in ("scienceqa", "pad512"):
+        F, toks = training_set_flops(fm, seq, args.batch_size, args.epochs, args.seed)
+        row["extrapolation"][seq] = {"flops": F, "tokens": toks,
+                                     "seconds": F / (row["achieved_flops_s"] * args.gpus),
+                                     "floor_seconds": F / (args.gpus * peak) if peak else None}
+    # Part 4: generation, unmerged and (where the updates are static) merged into the weights.
+    unmerged = measure_generate(model, args, amp, merge=False)
+    merged = measure_generate(model, args, amp, merge=True) if method in ("mma", "lora") else None
+    row["generation"] = {"unmerged": {k: v for k, v in unmerged.items() if k != "tokens"},
+                         "merged": None if merged is None else {k: v for k, v in merged.items() if k != "tokens"},
+                         "agree": None, "match": None}
+    if merged is not None:
+        # Merging is exact in real arithmetic; in bf16 the folded weights round differently, and random weights give
+        # nearly tied logits, so greedy paths can part after a few tokens. The share of equal tokens shows how far.
+        pairs = [(x, y) for rm, ru in zip(merged["tokens"], unmerged["tokens"]) for x, y in zip(rm, ru)]
+        row["generation"]["agree"] = merged["tokens"] == unmerged["tokens"]
+        row["generation"]["match"] = sum(x == y for x, y in pairs) / len(pairs)
+    del model  # free it before the next method is built
+    return row
+
+
+def paper_check(seed: int) -> list[dict]:
+    """Device-independent: the FLOPs of LaVIN's ScienceQA run at the real shapes (meta device), the floor they set on
+    the paper's 8 A100s, and the utilisation the paper's wall time implies."""
+    rows = []
+    for size, claim in PAPER.items():
+        fm = flop_model(build_lavin(size, "ViT-L/14", AdapterArgs(tau=5.0 if size == "13B" else 10.0),
+                                    device="meta"))
+        peak = dict(PEAK_BF16_TFLOPS)[claim["gpu"]] * 1e12 * claim["gpus"]  # 8 x 312 TFLOP/s (fp16 peak is the same)
+        for seq in ("pad512", "scienceqa"):
+            F, _ = training_set_flops(fm, seq, 4, 20, seed)  # 20 epochs and 4 per GPU, as the paper's runs
+            rows.append({"model": f"LaVIN-{size}", "seq": seq, "flops": F, "floor_seconds": F / peak,
+                         "paper_hours": claim["hours"], "implied_mfu": F / (claim["hours"] * 3600 * peak),
+                         "gpus": f"{claim['gpus']}x {claim['gpu']}"})
+    return rows
+
+
+def print_train_table(result: dict, args, T: int):
+    # Columns: step = median seconds per optimizer step; tok/s = B x T / step (pads included); useful = real tokens
+    # only; smp/s = samples; FLOP/tok = F(T); FLOP/step = B T F(T) + CLIP per image; FLOP/s = achieved rate; MFU =
+    # FLOP/s / device peak.
+    print(f"{'method':<18} {'trainable':>14} {'step':>10} {'tok/s':>9} {'useful':>9} {'smp/s':>7} "
+          f"{'peak mem':>9} {'FLOP/tok':>10} {'FLOP/step':>10} {'FLOP/s':>11} {'MFU':>6}")
+    for r in result["train"]:
+        if "error" in r:
+            print(f"{r['method']:<18} {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['label']:<18} {r['trainable']:>14,} {r['step_ms']:>7.1f} ms {r['tokens_s']:>9.0f} "
+              f"{r['useful_tokens_s']:>9.0f} {r['samples_s']:>7.2f} {r['peak_mem_gb']:>5.2f} GiB "
+              f"{si(r['flops_per_token']):>10} {si(r['flops_per_step']):>10} "
+              f"{si(r['achieved_flops_s'], 'FLOP/s'):>11} {mfu:>6}")
+    ok_rows = [r for r in result["train"] if "error" not in r]
+    if not ok_rows:
+        return
+    print(f"  tok/s counts processed tokens (pads included: the kernels compute them); useful excludes pads. "
+          f"Peak memory: {ok_rows[0]['peak_mem_kind']}.")
+    if args.model in PAPER:
+        c = PAPER[args.model]
+        print(f"  Paper: {c['mem_gb']} GB peak for LaVIN-{args.model} MMA ({c['gpus']}x {c['gpu']}, 4 per GPU, "
+              f"fp16 weights, padded to 512).")
+    print(f"  FLOP model per token at T={T}: F = 4 N_frozen + 6 N_trainable + 12 L d T, plus CLIP per image "
+          f"(MixLoRA counts its r chosen factors, not the pool; routers are ignored):")
+    for r in ok_rows:
+        fm = r["flop_model"]
+        print(f"    {r['label']:<18} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + "
+              f"{si(fm['attn_coef'])} x {T} = {si(r['flops_per_token'], 'FLOP/token')}; "
+              f"CLIP + neck {si(fm['vision_per_image'], 'FLOP/image')}")
+
+
+def print_extrapolation(result: dict, args):
+    # Two regimes for each method: the real length distribution padded per batch (data.collate), and every sample
+    # padded to 512 (the official loader). Their FLOP ratio is the price of the official padding.
+    ok_rows = [r for r in result["train"] if "error" not in r]
+    if args.model == "tiny":
+        print("  (the tiny model: this is how long *this* toy would take, and says nothing about 7B on A100s; "
+              "run --model 7B on a GPU for that)")
+    print(f"{'method':<18} {'lengths':<32} {'FLOPs':>10} {'est. time':>10} {'floor @peak':>12} {'paper':>22}")
+    paper = PAPER.get(args.model)
+    paper_txt = f"{paper['hours']} h on {paper['gpus']}x {paper['gpu']}" if paper else "n/a (tiny)"
+    for r in ok_rows:
+        for seq, desc in (("scienceqa", "real lengths, pad to batch max"), ("pad512", "padded to 512 (official)")):
+            e = r["extrapolation"][seq]
+            mark = "*" if seq == args.seq else " "
+            print(f"{r['label']:<18} {desc + mark:<32} {si(e['flops']):>10} {hours(e['seconds']):>10} "
+                  f"{hours(e['floor_seconds']):>12} {paper_txt:>22}")
+    print("  * = the length regime of the measured batch. Assumes the measured FLOP/s holds at every length, and "
+          "perfect data-parallel scaling (only adapter gradients are all-reduced).")
+    print("  What the paper's times imply (LaVIN-7B/13B, MMA, 20 epochs, 4 per GPU; FLOPs counted as above):")
+    for p in result["paper_check"]:
+        print(f"    {p['model']:<10} {p['seq']:<10} {si(p['flops'], 'FLOP'):>10}: floor on {p['gpus']} "
+              f"{hours(p['floor_seconds'])}, paper {p['paper_hours']} h -> {100 * p['implied_mfu']:.0f}% MFU")
+
+
+def print_generation(result: dict):
+    # u = unmerged adapters (the training graph), m = merged into the frozen weights (inference without adapter cost)
+    print(f"{'method':<18} {'unmerged tok/s':>15} {'merged tok/s':>13} {'decode (u/m)':>16} {'prefill ms (u/m)':>17} "
+          f"{'weights GB/s (u)':>17} {'same tokens':>13}")
+    for r in result["train"]:
+        if "error" in r:
+            continue
+        g = r["generation"]
+        u, m = g["unmerged"], g["merged"] or {}  # merged is None where nothing can be folded
+        same = "n/a" if g["agree"] is None else "yes" if g["agree"] else f"{100 * g['match']:.0f}% equal"
+        print(f"{r['label']:<18} {fmt(u, 'tok_s', '.1f'):>15} {fmt(m, 'tok_s', '.1f'):>13} "
+              f"{fmt(u, 'decode_tok_s', '.0f'):>7} / {fmt(m, 'decode_tok_s', '.0f'):>6} "
+              f"{fmt(u, 'prefill_ms', '.1f'):>8} / {fmt(m, 'prefill_ms', '.1f'):>6} "
+              f"{fmt(u, 'bandwidth_GBs', '.2f'):>17} {same:>13}")
+    print("  merged: MMA folds the LLaMA-side adapters into q/k/v for the image modality, LoRA adds B A to W; "
+          "MixLoRA routes per input and full fine-tuning has nothing to fold (n/a). tok/s includes prefill; decode "
+          "excludes it; GB/s = LLaMA weight bytes x decode steps/s. In bf16, rounding of the folded weights on random, "
+          "nearly tied logits can change greedy tokens; fp32 should agree exactly.")
+
+
+def main(argv=None) -> dict:
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
+    amp = torch.autocast(args.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    peak, peak_src = device_peak(args)
+    dev_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); "
+          f"peak: {si(peak, 'FLOP/s')} [{peak_src}]; torch {torch.__version__}")
+    result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
+              "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
+
+    # ---- 1. parameters and checkpoint size (counted by model.param_table at the real shapes)
+    print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
+    result["params"] = param_table()
+    print(format_param_table(result["params"]))
+    exact = {r["model"]: r["trainable"] for r in result["params"] if r["method"] == "MMA (LaVIN)"}
+    ok = exact == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
+    print(f"MMA counts equal the spec's exact 3,781,296 / 5,390,080: {'yes' if ok else 'NO'}. Paper (Table 6): "
+          + "; ".join(f"{s}: {c['trainable']} params, {c['ckpt_mb']} MB checkpoint" for s, c in PAPER.items()))
+
+    # ---- 2. the measured training step: the same batch for every method, drawn once from ScienceQA's lengths
+    lengths = sample_lengths(args.batch_size, np.random.default_rng(args.seed))  # (B,) real lengths, <= 512
+    batch = make_batch(lengths, MAX_SEQ_LEN if args.seq == "pad512" else None, LLAMA_PRESETS[args.model].vocab_size,
+                       VISION_PRESETS[args.vision].image_size, args.device, torch.Generator().manual_seed(args.seed))
+    B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
+    n_img = int(batch["has_image"].sum())
+    result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": n_img}
+    result["train"] = []
+    for method in args.methods:
+        try:
+            result["train"].append(bench_method(method, args, amp, dtype, batch, int(lengths.sum()), peak))
+        except torch.cuda.OutOfMemoryError as e:  # e.g. full fine-tuning of 13B on one 80 GB GPU: report, go on
+            result["train"].append({"method": method, "error": f"out of memory: {str(e).splitlines()[0]}"})
+        gc.collect()  # the failed or finished model goes before the next is built
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n== 2. Training step: LaVIN-{args.model} + {args.vision} on {dev_name}, {args.dtype}, batch {B} x {T} "
+          f"tokens (row lengths {lengths.tolist()}, --seq {args.seq}), {n_img} images; median of {args.steps} steps "
+          f"after {args.warmup} warm-up ==")
+    print_train_table(result, args, T)
+
+    # ---- 3. extrapolation to ScienceQA training, and what the paper's hours imply
+    result["paper_check"] = paper_check(args.seed)  # analytic: 7B/13B on the paper's 8 A100s, whatever this device
+    sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
+    result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),
+                                "truncated_%": 100 * float((sqa >= MAX_SEQ_LEN).mean())}
+    print(f"\n== 3. Extrapolated ScienceQA training: {SQA_TRAIN:,} samples x {args.epochs} epochs on {args.gpus} "
+          f"devices like this one ({dev_name}), batch {args.batch_size} per device, at each method's FLOP/s ==")
+    ls = result["length_summary"]
+    print(f"  ScienceQA training lengths (data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES): median {ls['median']:.0f}, "
+          f"p90 {ls['p90']:.0f}, {ls['truncated_%']:.1f}% truncated at {MAX_SEQ_LEN}")
+    print_extrapolation(result, args)
+
+    # ---- 4. generation
+    print(f"\n== 4. Generation: {args.batch_size} image prompts of {1 + GEN_PROMPT_LEN + N_VISUAL} tokens, "
+          f"{args.gen_tokens} new tokens each, greedy, KV cache, median of 2 runs after 1 warm-up ==")
+    print_generation(result)
+
+    for r in result["train"]:
+        r.pop("flop_model", None)  # printed above; the JSON keeps the totals
+    print("\n== JSON ==")
+    text = json.dumps(result)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
