@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -117,7 +118,8 @@ def load_model(args, device, dtype):
         for flag in ("llama_dir", "clip_path", "tokenizer"):
             a[flag] = getattr(args, flag) or a.get(flag)  # a flag given here wins
         model, tok = build_from_checkpoint(dict(ckpt, args=a), device, dtype)  # train.py's one way to rebuild
-        info = dict(norm=a.get("norm", "imagenet"), fmt=a.get("prompt_format", "QCM-ALE"), data_dir=a.get("data_dir"))
+        info = dict(norm=a.get("norm", "imagenet"), fmt=a.get("prompt_format", "QCM-ALE"), data_dir=a.get("data_dir"),
+                    chat="instruction" if a.get("instruction_json") else "scienceqa")
     else:  # official: weights only, so the architecture comes from the base weights and the adapters' shapes
         sd = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}  # saved from inside DDP
         if "layers.0.adapter_attn.conv_B.weight" not in sd:
@@ -132,7 +134,7 @@ def load_model(args, device, dtype):
         load_trainable(model, sd)  # converts the official conv_A/B/D, expert_weights names (adapters.py)
         tok = data.Tokenizer(args.tokenizer or Path(args.llama_dir).parent / "tokenizer.model")
         # The official pipeline: ImageNet normalisation (quirk 3) and QCM-ALE prompts (every script, quirk 9).
-        info = dict(norm="imagenet", fmt="QCM-ALE", data_dir=None)
+        info = dict(norm="imagenet", fmt="QCM-ALE", data_dir=None, chat="scienceqa")
     if model.llama.args.vocab_size != tok.n_words:
         raise SystemExit(f"the tokenizer has {tok.n_words} pieces but the LLaMA has a "
                          f"{model.llama.args.vocab_size}-row embedding: pass the --tokenizer of that --llama_dir")
@@ -158,10 +160,9 @@ def use_modality(model: LaVIN, modality: int, merge: bool):
     the modality changes. MixLoRA picks its factors per input, so it has nothing static to fold and runs unmerged.
     """
     if merge and model.adapter_args.method in ("mma", "lora"):
-        # Under autocast because routing_weights() runs the (mixed-dtype) blocks; the fold itself is done in fp32 and
-        # stored in the frozen dtype, though autocast lowers its matmuls to that dtype too (a tiny rounding).
-        with compute_context(model):
-            model.merge(modality)
+        # Outside autocast on purpose: the fold is computed in fp32 and stored in the frozen dtype (the adapters cast
+        # their inputs to their own fp32, so the mixed-dtype blocks run here too).
+        model.merge(modality)
     else:
         model.unmerge()
 
@@ -221,6 +222,23 @@ def answer(model: LaVIN, tok, prompt_ids: list[int], image: torch.Tensor | None,
     if streamer is not None:
         streamer.finish()  # whatever was held back (an incomplete character at the very end)
     return tok.decode(ids)
+
+
+def chat_prompt(tok, info: dict, turns: list, line: str, has_image: bool, budget: int) -> list[int]:
+    """
+    The prompt for a typed line. A chatbot (trained on instruction data) gets the whole conversation through
+    data.encode_dialogue, the one place the "Instruction: ...\\nResponse:" template lives. A model trained on ScienceQA
+    (the quick start's included) knows only that prompt format, so the line becomes one ScienceQA problem:
+    "What color is the circle? (A) red (B) green" gives the question and its options, context N/A, through
+    data.build_prompt; such a model answers one question at a time. `budget` excludes the modality token.
+    """
+    if info.get("chat") != "scienceqa":
+        return data.encode_dialogue(tok, turns + [(line, None)], has_image, budget + 1)["tokens"].tolist()
+    parts = re.split(r"\(([A-E])\)", line)  # "q (A) x (B) y" -> ["q ", "A", " x ", "B", " y"]
+    problem = dict(question=parts[0].strip(), choices=[c.strip() for c in parts[2::2]], answer=0, hint="",
+                   lecture="", solution="")
+    ids = data.encode_prompt(tok, data.build_prompt(problem, info["fmt"])[0], has_image)
+    return fit_prompt(tok, ids, has_image, budget)
 
 
 def prompt_budget(model: LaVIN) -> int:
@@ -316,8 +334,7 @@ def chat(model: LaVIN, tok, info: dict, s: Sampling, merge: bool, seed: int, ima
         # Re-encoding the history each turn costs a prefill of the whole conversation. Keeping the KV cache between
         # turns would avoid it, but generate() owns its cache, and a prefill is one batched forward over the prompt,
         # cheap next to decoding the answer one token (one full pass over the weights) at a time.
-        budget = prompt_budget(model) + 1  # encode_dialogue's max_seq_len counts the modality token
-        prompt = data.encode_dialogue(tok, turns + [(line, None)], image is not None, budget)["tokens"].tolist()
+        prompt = chat_prompt(tok, info, turns, line, image is not None, prompt_budget(model))
         print("lavin> ", end="", flush=True)
         try:
             text = answer(model, tok, prompt, image, s, generator, merge,
@@ -336,15 +353,16 @@ def eval_prompts(tok, problems: list[dict], fmt: str, budget: int) -> list[list[
     """Each problem's prompt in the training layout (data.encode_prompt: BOS, prefix, placeholders, QCM... text up to
     "Response:"), cut to `budget` tokens the way training cuts an over-long sample: from the start of the question
     (data._fit), keeping BOS, the prefix and the placeholders, and the "Options: ... Response:" end the answer needs."""
-    prompts = []
-    for rec in problems:
-        has_image = bool(rec.get("image"))
-        ids = data.encode_prompt(tok, data.build_prompt(rec, fmt)[0], has_image)
-        if len(ids) > budget:
-            head = len(data.encode_prompt(tok, "", has_image))  # BOS + prefix (+ the six placeholders)
-            ids = ids[:head] + ids[len(ids) - (budget - head):]
-        prompts.append(ids)
-    return prompts
+    return [fit_prompt(tok, data.encode_prompt(tok, data.build_prompt(rec, fmt)[0], bool(rec.get("image"))),
+                       bool(rec.get("image")), budget) for rec in problems]
+
+
+def fit_prompt(tok, ids: list[int], has_image: bool, budget: int) -> list[int]:
+    """Cut a prompt to `budget` tokens from the start of its text, keeping BOS, the prefix and the placeholders."""
+    if len(ids) <= budget:
+        return ids
+    head = len(data.encode_prompt(tok, "", has_image))  # BOS + prefix (+ the six placeholders)
+    return ids[:head] + ids[len(ids) - (budget - head):]
 
 
 def eval_batches(items: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -504,8 +522,7 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--image: {e}") from None
         # The same template as one chat turn, so a question gets the same answer here and as a chat's first question
-        budget = prompt_budget(model) + 1  # encode_dialogue's max_seq_len counts the modality token
-        prompt = data.encode_dialogue(tok, [(args.prompt, None)], image is not None, budget)["tokens"].tolist()
+        prompt = chat_prompt(tok, info, [], args.prompt, image is not None, prompt_budget(model))
         generator = torch.Generator(device=device).manual_seed(args.seed)
         s = Sampling(args.temperature, args.top_p, args.max_new_tokens)
         answer(model, tok, prompt, image, s, generator, merge, on_text=lambda t: print(t, end="", flush=True))

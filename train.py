@@ -107,8 +107,8 @@ def get_args(argv=None):
 
 
 # The quick start's own small settings: they replace the real-run defaults above only where the user gave no flag.
-QUICK = dict(epochs=6, batch_size=32, micro_batch=32, blr=2e-2, warmup_epochs=0.5, max_seq_len=160, eval_split="test",
-             eval_max_new_tokens=8, group_by_length=True, weight_decay=0.0)
+QUICK = dict(epochs=10, batch_size=32, micro_batch=32, blr=2e-2, warmup_epochs=0.5, max_seq_len=160, eval_split="test",
+             eval_max_new_tokens=24, group_by_length=True, weight_decay=0.0, prompt_format="QCM-EA")
 
 
 def quick_start_defaults(args, parser):
@@ -204,32 +204,34 @@ def set_rng_state(s: dict):
 # =====================================================================================================================
 # The quick start's stand-ins for downloading LLaMA and CLIP
 
-def pretrain_llama_standin(quiz: Path, tok: data.Tokenizer, out: Path, steps: int = 400, seed: int = 0) -> Path:
+def pretrain_llama_standin(quiz: Path, tok: data.Tokenizer, out: Path, fmt: str, steps: int = 2500,
+                           seed: int = 0) -> Path:
     """
-    Stand-in for LLaMA's pre-training, labelled as such: a tiny LLaMA trained as a plain language model on the quiz's
-    train split rendered as text (every question with its hint, options and answer; image questions without their
-    images, so it learns their format but cannot know their answers). Saved in Meta's layout and read back by
-    load_llama, like real weights.
+    Stand-in for LLaMA's pre-training, labelled as such: a tiny LLaMA (the `tiny` preset) learns the quiz's language
+    and reasoning from 20,000 freshly drawn quiz problems (data.quiz_corpus: another seed than the quiz, its held-out
+    val/test questions excluded), image problems described by their caption in the context since a language model
+    has no eyes. It learns the quiz's language, to read a context and to name the fact and its option letter; it never
+    sees the quiz's images. Saved in Meta's layout and read back by load_llama, like real weights.
     """
     if (out / "consolidated.00.pth").is_file():
         return out
     torch.manual_seed(seed)
     args = ModelArgs(**{**asdict(LLAMA_PRESETS["tiny"]), "vocab_size": tok.n_words, "max_seq_len": 256})
     model = Transformer(args)
-    texts = []
-    for rec in data.load_scienceqa(quiz, "train"):
-        prompt, answer = data.build_prompt(rec, "QCM-ALE")
-        texts.append(data.encode_example(tok, prompt, answer, False, 256)["tokens"])
+    examples = [dict(data.encode_example(tok, *data.build_prompt(rec, fmt), False, 256), has_image=False, pid=i)
+                for i, rec in enumerate(data.quiz_corpus(quiz, 20_000, seed=seed + 1))]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="stand-in LLaMA (language model on quiz text)", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="stand-in LLaMA (pre-training on generated quiz text)", dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(len(texts), (32,), generator=g).tolist()
-        batch = nn.utils.rnn.pad_sequence([texts[i] for i in idx], batch_first=True, padding_value=-1)  # (B, T)
-        x, y = batch[:, :-1].clamp(min=0), batch[:, 1:]
+        batch = data.collate([examples[i] for i in torch.randint(len(examples), (32,), generator=g).tolist()])
         for group in opt.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1)
+        # A language model's loss on every real token (pads excluded): the questions and hints, where names and
+        # objects recur, are what teaches it to look things up in its context.
+        target = batch["tokens"][:, 1:].masked_fill(batch["tokens"][:, 1:] == 0, data.IGNORE)  # (B, T-1)
+        logits = model(batch["tokens"][:, :-1])  # (B, T-1, V): token t predicts token t+1
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=data.IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -238,7 +240,7 @@ def pretrain_llama_standin(quiz: Path, tok: data.Tokenizer, out: Path, steps: in
     params = {k: v for k, v in asdict(args).items() if k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of",
                                                            "norm_eps", "rope_theta")}
     (out / "params.json").write_text(json.dumps(params, indent=1))
-    save_checkpoint(out / "consolidated.00.pth", {k: v for k, v in model.state_dict().items()})
+    save_checkpoint(out / "consolidated.00.pth", model.state_dict())
     return out
 
 
@@ -392,7 +394,7 @@ def main(argv=None):
                   "pre-training tiny stand-ins for LLaMA and CLIP first (labelled as such)")
             data.ensure_quiz(QUIZ_DIR)
             tok = data.Tokenizer(QUIZ_DIR / "tokenizer.model")
-            pretrain_llama_standin(QUIZ_DIR, tok, QUIZ_DIR / "backbones" / "llama", seed=args.seed)
+            pretrain_llama_standin(QUIZ_DIR, tok, QUIZ_DIR / "backbones" / "llama", args.prompt_format, seed=args.seed)
             pretrain_clip_standin(QUIZ_DIR, tok, QUIZ_DIR / "backbones", seed=args.seed)
         if dist.is_initialized():
             dist.barrier()
