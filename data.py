@@ -363,8 +363,14 @@ SCIENCEQA_TRAIN_LENGTH_PERCENTILES = {
 # Datasets
 
 
-def _load_tensor(path, pid, image_size, norm):
-    """Image file -> normalised (3, S, S) tensor; errors name the problem id as well as the path."""
+def image_path(data_dir, split: str, pid: str) -> Path:
+    """Where ScienceQA keeps a problem's picture. The official loader always opens this file, whatever the record's
+    "image" field says."""
+    return Path(data_dir) / "images" / split / pid / "image.png"
+
+
+def load_image_tensor(path, pid, image_size, norm):
+    """Image file -> normalised (3, S, S) tensor, as in training (spec §6.4); errors name the problem id and the path."""
     try:
         return clip_vit.preprocess(clip_vit.load_image(path), size=image_size, norm=norm)
     except (FileNotFoundError, ValueError) as e:
@@ -383,15 +389,15 @@ class _EncodedDataset(torch.utils.data.Dataset):
         self.skipped = []  # (pid, reason) of records left out with skip_bad=True
         self._cache = {}
 
-    def _add(self, enc, image_path, pid):
-        if image_path is not None:
+    def _add(self, enc, path, pid):
+        if path is not None:
             try:
-                if not image_path.is_file():
-                    raise ValueError(f"problem {pid}: image file missing: {image_path}")
+                if not path.is_file():
+                    raise ValueError(f"problem {pid}: image file missing: {path}")
                 if self.skip_bad or self.cache_images:
                     # Decoding every image up front costs time; it is the only way to find corrupt files before
                     # training starts, so do it only when asked (skip_bad) or when the result is kept (cache).
-                    img = _load_tensor(image_path, pid, self.image_size, self.norm)
+                    img = load_image_tensor(path, pid, self.image_size, self.norm)
                     if self.cache_images:
                         self._cache[len(self.samples)] = img
             except ValueError as e:
@@ -399,7 +405,7 @@ class _EncodedDataset(torch.utils.data.Dataset):
                     raise
                 self.skipped.append((pid, str(e)))
                 return False
-        self.samples.append(dict(enc, image_path=image_path, pid=pid))
+        self.samples.append(dict(enc, image_path=path, pid=pid))
         self.lengths.append(len(enc["tokens"]))
         self.n_truncated += enc["truncated"]
         return True
@@ -413,7 +419,7 @@ class _EncodedDataset(torch.utils.data.Dataset):
         if s["image_path"] is not None:
             image = self._cache.get(i)
             if image is None:
-                image = _load_tensor(s["image_path"], s["pid"], self.image_size, self.norm)  # (3, S, S)
+                image = load_image_tensor(s["image_path"], s["pid"], self.image_size, self.norm)  # (3, S, S)
         return dict(tokens=s["tokens"], labels=s["labels"], vis_mask=s["vis_mask"], image=image,
                     has_image=image is not None, pid=s["pid"])
 
@@ -434,8 +440,7 @@ class ScienceQADataset(_EncodedDataset):
         for rec in load_scienceqa(data_dir, split):
             prompt, answer = build_prompt(rec, fmt)
             has_image = bool(rec.get("image"))
-            # The official loader always opens images/{split}/{pid}/image.png, whatever the "image" field says.
-            path = Path(data_dir) / "images" / split / rec["pid"] / "image.png" if has_image else None
+            path = image_path(data_dir, split, rec["pid"]) if has_image else None
             if self._add(encode_example(tok, prompt, answer, has_image, max_seq_len), path, rec["pid"]):
                 self.problems[rec["pid"]] = rec
 

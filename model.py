@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from adapters import AdapterArgs, LoRALinear, MMAdapter, fold_mma_into_qkv, inject_adapters
+from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters
 from clip_vit import VISION_PRESETS, VisionArgs, VisionTransformer, load_clip
 from data import IGNORE, N_VISUAL
 

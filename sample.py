@@ -251,7 +251,7 @@ def prompt_budget(model: LaVIN) -> int:
     return model.llama.args.max_seq_len - 1 - data.MIN_ANSWER_TOKENS
 
 
-def load_image_tensor(path, info: dict) -> torch.Tensor:
+def load_user_image(path, info: dict) -> torch.Tensor:
     """An image file -> (3, S, S), preprocessed exactly as in training (bicubic squash to the tower's size, then the
     checkpoint's normalisation, spec §6.4). clip_vit.load_image raises FileNotFoundError / ValueError naming it."""
     return clip_vit.preprocess(clip_vit.load_image(path), size=info["image_size"], norm=info["norm"])
@@ -321,7 +321,7 @@ def chat(model: LaVIN, tok, info: dict, s: Sampling, merge: bool, seed: int, ima
             elif cmd == "/image":
                 path = os.path.expanduser(arg.strip("'\""))  # paths pasted with quotes, or ~
                 try:
-                    image = load_image_tensor(path, info).to(device)
+                    image = load_user_image(path, info).to(device)
                     turns = []
                     print(f"(image attached: {path}; new conversation)")
                 except (FileNotFoundError, ValueError) as e:  # the session goes on with whatever it had before
@@ -381,16 +381,6 @@ def eval_batches(items: list[tuple[int, int]], batch_size: int) -> list[list[int
     return batches
 
 
-def load_problem_image(data_dir, split: str, pid: str, image_size: int, norm: str) -> torch.Tensor:
-    """ScienceQA's image of one problem, (3, S, S). The official loader opens images/{split}/{pid}/image.png whatever
-    the record's "image" field says, and so does data.ScienceQADataset."""
-    path = Path(data_dir) / "images" / split / pid / "image.png"
-    try:
-        return load_image_tensor(path, dict(image_size=image_size, norm=norm))
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"problem {pid}: {e}") from e  # an evaluation cannot skip a problem: stop, naming it
-
-
 @contextmanager
 def unsharded(model):
     """
@@ -428,7 +418,8 @@ def generate_split(model: LaVIN, tok, problems, data_dir, split, fmt, batch_size
         use_modality(model, modality, merge)  # at most two merges per rank: image batches come first
         images = None
         if modality:
-            images = torch.stack([load_problem_image(data_dir, split, problems[i]["pid"], image_size, norm)
+            images = torch.stack([data.load_image_tensor(data.image_path(data_dir, split, problems[i]["pid"]),
+                                                           problems[i]["pid"], image_size, norm)
                                   for i in rows]).to(dev)  # (B, 3, S, S)
         # One generator per batch, seeded by the batch's index: sampled answers do not depend on which rank ran it.
         gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b)
@@ -518,7 +509,7 @@ def main(argv=None):
                  args.temperature, args.top_p, out)
     elif args.prompt is not None:  # one-shot: the answer alone on stdout (messages go to stderr), for scripts
         try:
-            image = load_image_tensor(args.image, info).to(device) if args.image else None
+            image = load_user_image(args.image, info).to(device) if args.image else None
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--image: {e}") from None
         # The same template as one chat turn, so a question gets the same answer here and as a chat's first question

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data
 from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
-from clip_vit import VISION_PRESETS, VisionTransformer, load_image, preprocess
+from clip_vit import VISION_PRESETS, VisionTransformer
 from model import LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, count_params, load_lavin
 
 QUIZ_DIR = Path("quiz")  # the generated default data (git-ignored)
@@ -258,7 +258,7 @@ def pretrain_clip_standin(quiz: Path, tok: data.Tokenizer, out: Path, steps: int
     captions = json.loads((quiz / "captions.json").read_text())["captions"]
     recs = [r for r in data.load_scienceqa(quiz, "train") if r.get("image")]
     size = vit.args.image_size
-    images = torch.stack([preprocess(load_image(quiz / "images" / "train" / r["pid"] / "image.png"), size)
+    images = torch.stack([data.load_image_tensor(data.image_path(quiz, "train", r["pid"]), r["pid"], size, "imagenet")
                           for r in recs])  # (N, 3, H, W)
     words = [tok.encode(captions[r["pid"]], bos=False, eos=False) for r in recs]
     text_emb = nn.EmbeddingBag(tok.n_words, vit.args.output_dim, mode="mean")  # the text tower: mean of word vectors
