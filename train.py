@@ -578,4 +578,10 @@ def evaluate_split(model: LaVIN, tok, args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.cuda.OutOfMemoryError as e:
+        raise SystemExit(f"out of GPU memory: {str(e).splitlines()[0]}\nFlags that help, most effective first: "
+                         f"--micro_batch 1 or 2 (accumulation keeps the global batch), --grad_ckpt (recompute "
+                         f"activations), --fsdp under torchrun (shards the frozen backbones), a shorter --max_seq_len. "
+                         f"The last good checkpoint, if any, is in --out_dir.") from e
