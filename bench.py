@@ -38,7 +38,7 @@ so part 4 reports bandwidth (weight bytes read per second), not MFU.
 Read the extrapolation for what it is: the measured FLOP/s held constant over every batch of the run, perfect scaling
 across --gpus devices, and no data loading. For the tiny CPU model it describes that toy, not LaVIN-7B on A100s.
 
-Tests: python -m pytest -q test_bench.py
+Tests: python -m pytest -q test_all.py -k bench
 """
 
 import argparse

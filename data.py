@@ -19,7 +19,7 @@ Deliberate departures from the official code (each is commented again where it h
 - The unparsable-answer fallback draws from a seeded RNG and is counted (spec §11 quirk 5).
 - Broken or missing images raise an error that names the problem id and the path, or are skipped on request.
 - The default prompt format is QCM-ALE, as the official *scripts* use, not the CQM-A of the CLI default (§11 quirk 9).
-- Layout (CONTRACT.md): the six visual slots are placeholder ids (0) inside `tokens`, marked by a `vis_mask`, where
+- Layout: the six visual slots are placeholder ids (0) inside `tokens`, marked by a `vis_mask`, where
   the official model splices the visual features in after embedding; the positions come out the same (spec §2.1).
   Text-only items carry image=None rather than a zero image.
 
@@ -28,8 +28,8 @@ layout, so the whole pipeline runs on a laptop CPU; see make_quiz for its design
 
 Commands that use this file:
     python data.py                      # generate ./quiz (+ its tokenizer), print an example and length stats
-    python -m pytest -q test_data.py    # its tests
-    train.py / eval.py / sample.py / bench.py import it (ScienceQADataset, collate, parse_answer, score_table, ...).
+    python -m pytest -q test_all.py -k "quiz or prompt or score"    # its tests
+    train.py / sample.py / bench.py import it (ScienceQADataset, collate, parse_answer, score_table, ...).
 """
 
 import inspect
@@ -238,7 +238,7 @@ def _split_body(tok, prompt, answer):
 
     Boundary caveat (spec §6.3): the boundary is measured on the prompt encoded *alone* but applied to the joint
     encoding. If SentencePiece merged across "Response:" / "The", the mask would be off by a token. It does not for
-    LLaMA's tokenizer on ScienceQA nor for the quiz tokenizer; test_data.py checks both.
+    LLaMA's tokenizer on ScienceQA nor for the quiz tokenizer; test_all.py checks both.
     answer=None (inference) gives (enc(prompt), []).
     """
     prompt_ids = tok.encode(prompt, bos=False, eos=False)
@@ -352,7 +352,7 @@ def prompt_lengths(problems, tok, fmt: str = "QCM-ALE") -> list[int]:
 # records, which have lectures and solutions) pair, i.e. assuming the answer length is independent of the prompt.
 # About 11% exceed 512 (the 150 full records alone: 17%). The extreme tail pairs the longest prompt with the longest
 # answer, so p100 overstates the real maximum (1,040 among the 150 full records).
-# Recompute with test_data.py::test_scienceqa_length_percentiles (it asserts these values and prints new ones).
+# Recompute with test_all.py::test_scienceqa_length_percentiles (it asserts these values and prints new ones).
 SCIENCEQA_TRAIN_LENGTH_PERCENTILES = {
     0: 44, 5: 111, 10: 167, 20: 207, 30: 229, 40: 253, 50: 282,
     60: 315, 70: 367, 80: 419, 90: 530, 95: 606, 99: 937, 100: 1435,
@@ -499,7 +499,7 @@ def _llava_turns(conversations, pid):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack dataset items into a batch (CONTRACT.md). Pads on the right to the longest row of *this* batch.
+    """Stack dataset items into a batch (the layout model.LaVIN.forward takes). Pads on the right to the longest row of *this* batch.
 
     The official loader pads every sample to max_seq_len=512 up front; the attention and loss ignore the pads either
     way, so padding to the batch maximum gives the same loss for a fraction of the compute (quiz samples are ~60

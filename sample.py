@@ -25,7 +25,7 @@ What generation does, and where it departs from the official code (details in mo
   the official evaluation samples with (§7.1);
 - an unparsable answer falls back to a *seeded* random choice, and the fallbacks are counted (§11 quirk 5).
 
-Tests: `python -m pytest test_sample.py` (the lead merges them into test_all.py).
+Tests: `python -m pytest -q test_all.py -k "generate or session or eval or official"`.
 """
 
 import argparse

@@ -1368,6 +1368,23 @@ def test_two_processes_follow_one(tiny_setup, tmp_path, fsdp):
     assert wa.keys() == wb.keys()
 
 
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
+    flags = list(tiny_setup["flags"])
+    llama_dir = Path(flags[flags.index("--llama_dir") + 1])
+    bad = tmp_path / "llama_nan"
+    bad.mkdir()
+    (bad / "params.json").write_text((llama_dir / "params.json").read_text())
+    sd = torch.load(llama_dir / "consolidated.00.pth")
+    sd["output.weight"][0, 0] = float("nan")
+    torch.save(sd, bad / "consolidated.00.pth")
+    flags[flags.index("--llama_dir") + 1] = str(bad)
+    out = tmp_path / "out"
+    train.save_checkpoint(out / "ckpt.pt", {"model": {}, "step": 7})  # an earlier run's last good checkpoint
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 .*Last good checkpoint: .*ckpt\.pt"):
+        train.main(flags + ["--out_dir", str(out)])
+    assert train.load_checkpoint(out / "ckpt.pt")["step"] == 7
+
+
 # =====================================================================================================================
 # Generation and evaluation (sample.py)
 # =====================================================================================================================

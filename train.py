@@ -482,7 +482,7 @@ def main(argv=None):
               f"peak lr {args.blr * args.batch_size / 256:.3g}; loss normalisation: {args.loss_norm}")
     log = open(out_dir / "log.jsonl", "a") if master else None
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"train {args.method}", dynamic_ncols=True)
-    last_good = None
+    last_good = str(out_dir / "ckpt.pt") if (out_dir / "ckpt.pt").is_file() else None  # e.g. the resumed one
     model.train()
     while step < total_steps and (args.max_steps is None or step < args.max_steps):
         epoch = step // steps_per_epoch
