@@ -226,6 +226,17 @@ def convert_openai_state_dict(sd):
     return out
 
 
+def to_openai_state_dict(sd):
+    """Our key names -> OpenAI's (with the `visual.` prefix), the inverse of convert_openai_state_dict: how the quick
+    start saves its CLIP stand-in, so that it is read back through the very path OpenAI's weights take."""
+    out = {}
+    for key, value in sd.items():
+        key = key.replace("blocks.", "transformer.resblocks.", 1) if key.startswith("blocks.") else key
+        key = key.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+        out["visual." + key] = value
+    return out
+
+
 def _read_checkpoint(path):
     """Whatever is in the file -> a flat {name: value} dict."""
     try:

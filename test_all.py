@@ -33,7 +33,7 @@ import sample
 import train
 from adapters import AdapterArgs, MMAdapter, convert_official_lavin, load_trainable, trainable_state_dict
 from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VISION_PRESETS, VisionArgs, VisionTransformer,
-                      convert_openai_state_dict, load_clip, load_image, preprocess)
+                      convert_openai_state_dict, load_clip, load_image, preprocess, to_openai_state_dict)
 from model import (LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params, load_llama,
                    param_table, rope_tables)
 from train import save_checkpoint, wrap_model
@@ -724,6 +724,19 @@ def test_load_clip_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(ValueError, match="cannot read CLIP checkpoint"):
         load_clip(tmp_path / "junk.pt")
+
+
+def test_openai_key_round_trip(tmp_path):
+    model = VisionTransformer(VISION_PRESETS["tiny"])
+    sd = model.state_dict()
+    openai = to_openai_state_dict(sd)
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in openai and "visual.conv1.weight" in openai
+    assert convert_openai_state_dict(openai).keys() == sd.keys()
+    torch.save(openai, tmp_path / "clip.pt")
+    loaded = load_clip(tmp_path / "clip.pt")
+    assert loaded.args == model.args
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
 
 
 # =====================================================================================================================

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data
 from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
-from clip_vit import VISION_PRESETS, VisionTransformer
+from clip_vit import VISION_PRESETS, VisionTransformer, to_openai_state_dict
 from model import LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, count_params, load_lavin
 
 QUIZ_DIR = Path("quiz")  # the generated default data (git-ignored)
@@ -248,7 +248,7 @@ def pretrain_clip_standin(quiz: Path, tok: data.Tokenizer, out: Path, steps: int
     """
     Stand-in for CLIP's pre-training, labelled as such: the tiny ViT learns image embeddings contrastively (CLIP's
     symmetric InfoNCE, Radford et al. 2021 §2.3) against a bag-of-words encoder of the quiz's captions.json, which
-    describe each drawing (colours, shapes, count, places). Saved as a vision state dict and read back by load_clip.
+    describe each drawing (colours, shapes, count, places). Saved with OpenAI's key names and read back by load_clip.
     """
     path = out / "clip.pt"
     if path.is_file():
@@ -282,7 +282,7 @@ def pretrain_clip_standin(quiz: Path, tok: data.Tokenizer, out: Path, steps: int
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, vit.state_dict())
+    save_checkpoint(path, to_openai_state_dict(vit.state_dict()))  # OpenAI's key names, as ViT-L-14.pt
     return path
 
 
