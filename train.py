@@ -54,7 +54,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("base weights (leave all empty for the quick start's pre-trained tiny stand-ins)")
     g.add_argument("--llama_dir", help="Meta-layout LLaMA folder: params.json + consolidated.*.pth")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (LLaMA's; the quiz's by default)")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: LLaMA's, next to --llama_dir)")
     g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt (TorchScript archive) or a vision state dict")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", help="ScienceQA root: problems.json, pid_splits.json, images/ (default: the quiz)")
@@ -66,7 +66,8 @@ def get_args(argv=None):
     g.add_argument("--group_by_length", action="store_true", help="batch similar lengths together (fewer pads)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="mma", choices=METHODS)
-    g.add_argument("--tau", type=float, default=None, help="router temperature (default 10; 5 for 13B as the scripts)")
+    g.add_argument("--tau", type=float, default=None, help="router temperature (default: 10 for 7B, 5 for 13B, as the "
+                   "official scripts)")
     g.add_argument("--adapter_dim", type=int, default=8)
     g.add_argument("--dropout", type=float, default=None,
                    help="adapter dropout (default: 0.1 in MM-Adapters as official, 0.05 in LoRA/MixLoRA as LLaVA)")
@@ -400,13 +401,16 @@ def main(argv=None):
             dist.barrier()
         args.data_dir, args.tokenizer = str(QUIZ_DIR), str(QUIZ_DIR / "tokenizer.model")
         args.llama_dir, args.clip_path = str(QUIZ_DIR / "backbones" / "llama"), str(QUIZ_DIR / "backbones" / "clip.pt")
-    for flag in ("llama_dir", "clip_path", "tokenizer"):
+    for flag in ("llama_dir", "clip_path"):
         if getattr(args, flag) is None:
             raise SystemExit(f"--{flag} is required when training on real data (or give no data flags at all for the "
                              f"quick start)")
+    if args.tokenizer is None:  # Meta's layout keeps tokenizer.model next to the 7B/ and 13B/ folders
+        args.tokenizer = str(Path(args.llama_dir).parent / "tokenizer.model")
     tok = data.Tokenizer(args.tokenizer)
-    size_tau = 5.0 if "13B" in str(args.llama_dir) else 10.0
-    args.tau = args.tau if args.tau is not None else size_tau
+    if args.tau is None:  # the official scripts: tau = 10 for 7B (width 4096), 5 for 13B (width 5120)
+        params = Path(args.llama_dir) / "params.json"
+        args.tau = 5.0 if params.is_file() and json.loads(params.read_text())["dim"] >= 5120 else 10.0
     dropout = {} if args.dropout is None else {"adapter_dropout": args.dropout, "lora_dropout": args.dropout}
     adapter_args = AdapterArgs(method=args.method, tau=args.tau, adapter_dim=args.adapter_dim,
                                lora_rank=args.lora_rank, mix_pool=args.mix_pool, mix_rank=args.mix_rank, **dropout)
