@@ -513,16 +513,16 @@ def main(argv=None):
                 if args.fsdp and world > 1:
                     model.set_requires_gradient_sync(last)
                 sync = nullcontext() if (last or args.fsdp or world == 1) else model.no_sync()
-                with sync, autocast:
-                    images = b["images"].to(device) if b["images"] is not None else None
-                    if args.loss_norm == "global":
+                images = b["images"].to(device) if b["images"] is not None else None
+                with sync:  # the backward must run inside no_sync too; autocast covers the forward only
+                    with autocast:
+                        # global: the sum over this micro-batch's labelled tokens, scaled by the step's global count
+                        # (x world, since DDP/FSDP then average over ranks). official: the token-mean per micro-batch,
+                        # divided by the accumulation count, as engine.py does.
                         loss = model(b["tokens"].to(device), b["has_image"].to(device), b["vis_mask"].to(device),
-                                     images, labels=b["labels"].to(device), reduction="sum")
-                        scaled = loss * world / max(n_global, 1)
-                    else:  # the official token-mean per micro-batch, divided by the accumulation count
-                        loss = model(b["tokens"].to(device), b["has_image"].to(device), b["vis_mask"].to(device),
-                                     images, labels=b["labels"].to(device))
-                        scaled = loss / accum
+                                     images, labels=b["labels"].to(device),
+                                     reduction="sum" if args.loss_norm == "global" else "mean")
+                    scaled = loss * world / max(n_global, 1) if args.loss_norm == "global" else loss / accum
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"loss is {loss.item()} at step {step} (micro-batch {i}, samples {b['pids']}); stopping. "
