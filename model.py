@@ -22,7 +22,7 @@ Used by: `python train.py`, `python sample.py`, `python bench.py`; tests: `pytho
 """
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -573,8 +573,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def build_lavin(llama_preset="tiny", vision_preset="tiny", adapter_args: AdapterArgs | None = None, vocab_size=None,
                 max_seq_len: int = 512, device="cpu", neck_hidden: int = 128) -> LaVIN:
     """A LaVIN from presets with random weights (meta device: shapes only, no memory)."""
-    import dataclasses
-    largs = dataclasses.replace(LLAMA_PRESETS[llama_preset], max_seq_len=max_seq_len)
+    largs = replace(LLAMA_PRESETS[llama_preset], max_seq_len=max_seq_len)
     if vocab_size is not None:
         largs.vocab_size = vocab_size
     with torch.device(device):
