@@ -16,9 +16,9 @@ Recipe (the official one for real runs, spec §5.1): global batch 32, lr = blr x
 updated every optimizer step, 20 epochs, max_seq_len 512, tau = 10 (7B) / 5 (13B). Deliberate departures, each
 commented where it happens: batches padded to their longest sample instead of 512; the loss normalised by the
 labelled tokens of the whole optimizer step across ranks (`--loss_norm official` restores the per-micro-batch mean,
-one cause of the official code's GPU-count dependence, spec §11); no micro-batch is silently dropped at the end of an
-epoch (the global batch is kept fixed by dropping the remainder of the *shuffled* epoch, as DistributedSampler's
-drop_last does).
+one cause of the official code's GPU-count dependence, spec §11); no accumulated gradient is thrown away at the end of
+an epoch (the official loop zeroes the last micro-batches' gradients, §11 quirk 16): the global batch stays fixed by
+dropping the remainder of the *shuffled* epoch before it is cut into steps, as DistributedSampler's drop_last does.
 
 The quick start: with no --llama_dir / --clip_path there is nothing pretrained to adapt, so it first pre-trains tiny
 stand-ins for the backbones on the generated quiz (a language model on its train text, and a CLIP-style contrastive
@@ -499,7 +499,7 @@ def main(argv=None):
         it = iter(loader)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             t0 = time.time()
-            micro = [next(it) for _ in range(accum)]
+            micro = [next(it) for _ in range(accum)]  # the whole step's micro-batches: their labels set the normaliser
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, args)
             # Loss normalisation: each labelled token of the optimizer step weighs the same, on every rank and under
@@ -529,9 +529,9 @@ def main(argv=None):
                             f"Last good checkpoint: {last_good or 'none yet'}. Try a lower --blr or --dtype fp32.")
                     scaler.scale(scaled).backward()
                 loss_sum += loss.item() if args.loss_norm == "global" else loss.item() * n_tok / accum
-            scaler.step(opt)
+            scaler.step(opt)  # a plain opt.step() unless fp16, where it also skips steps with inf gradients
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # None rather than zeros: no memset, and no stale gradient can leak
             step += 1
             train_loss = all_sum(loss_sum, device) / max(n_global, 1)
             dt = time.time() - t0
