@@ -620,17 +620,18 @@ def format_table(scores: dict) -> str:
 #
 # Same files, same 14 fields, same three kinds of problem as ScienceQA, but short and drawn from a tiny world, so a
 # dim-128 LLaMA learns it on a 2-core CPU in minutes:
-#  (a) image questions (~45%): 1-4 large flat shapes in the quadrants of a white picture. "What color is the
-#      circle?", "Which shape is red?", "How many shapes are in the picture?", "Where is the blue square?". The
-#      question text, choice set and letter are independent of the answer, so a model that ignores the image is
-#      at chance (1/3 or 1/4). Some carry a non-informative hint, so TXT and IMG overlap as in ScienceQA.
-#  (b) text-context questions (~30%): the hint holds the answer ("Ann has a red kite and a blue ball.").
+#  (a) image questions (~45%): one large flat shape in a quadrant of a white picture ("What color is the circle?",
+#      "Which shape is red?", "Where is the blue square?"), or 1-4 of them ("How many shapes are in the picture?").
+#      The question text and options do not depend on the answer, so a model that ignores the image is at chance
+#      (1/5 or 1/4). Some carry a non-informative hint, so TXT and IMG overlap as in ScienceQA.
+#  (b) text-context questions (~30%): the hint holds the answer, once ("Ann has a red kite. Ben lives in Oslo.").
 #  (c) no-context questions (~25%): a small fixed fact base (animal groups, continents, word types, opposites)
-#      that reappears across splits with freshly drawn distractors and order.
+#      that reappears across splits.
+# Every question type lists the same options in the same order (see _choices): easy on purpose.
 # captions.json describes every drawing completely (colours, shapes, count, positions): a tiny CLIP stand-in is
 # pre-trained contrastively on those captions.
 
-QUIZ_VERSION = 3  # bump when the generator changes, so ensure_quiz regenerates stale folders
+QUIZ_VERSION = 4  # bump when the generator changes, so ensure_quiz regenerates stale folders
 QUIZ_VOCAB = 768  # quiz tokenizer size (a soft limit): ~250 words + their pieces; more does not shorten the text
 # Five saturated colours far apart in RGB, so even a 32x32 input keeps them distinguishable.
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 200, 20),
@@ -709,34 +710,30 @@ def _choices(correct, pool):
 
 
 def _image_question(rng, family):
-    """Draw a picture spec and a question about it. Retries until the question is well-posed (a unique target)."""
-    while True:
-        # One shape for the questions about a shape, so that the answer is a property of the whole picture (binding a
-        # colour to a shape to a place in a crowded picture is beyond what a tiny ViT + LLaMA learn in CPU minutes);
-        # 1-4 shapes for counting.
-        n = rng.randint(1, 4) if family == "img_count" else 1
-        places = sorted(rng.sample(range(4), n))
-        # Each shape: (color, shape, quadrant, dx, dy, size) with jitter as fractions of a quadrant.
-        # Colour and shape are drawn independently and uniformly, and the quadrants are a uniform subset, so the
-        # answer to any question below is uniform over its options whatever the question's wording.
-        spec = [(rng.choice(list(COLORS)), rng.choice(SHAPES), q,
-                 rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(0.6, 0.75)) for q in places]
-        if family == "img_count":
-            choices, ans = _choices(str(n), ("1", "2", "3", "4"))
-            solution = "There is 1 shape." if n == 1 else f"There are {n} shapes."
-            return spec, "How many shapes are in the picture?", choices, ans, solution
-        # A question about one shape must name it unambiguously (a unique shape, colour, or colour+shape).
-        target = rng.choice(spec)
-        col, shp, q = target[0], target[1], target[2]
-        if family == "img_color" and sum(s[1] == shp for s in spec) == 1:
-            choices, ans = _choices(col, list(COLORS))
-            return spec, f"What color is the {shp}?", choices, ans, f"The {shp} is {col}."
-        if family == "img_shape" and sum(s[0] == col for s in spec) == 1:
-            choices, ans = _choices(shp, SHAPES)
-            return spec, f"Which shape is {col}?", choices, ans, f"The {col} shape is {_a(shp)}."
-        if family == "img_place" and sum(s[:2] == (col, shp) for s in spec) == 1:
-            choices, ans = _choices(PLACES[q], PLACES)
-            return spec, f"Where is the {col} {shp}?", choices, ans, f"The {col} {shp} is at the {PLACES[q]}."
+    """Draw a picture spec and a question about it."""
+    # One shape for the questions about a shape, so that the answer is a property of the whole picture (binding a
+    # colour to a shape to a place in a crowded picture is beyond what a tiny ViT + LLaMA learn in CPU minutes);
+    # 1-4 shapes for counting.
+    n = rng.randint(1, 4) if family == "img_count" else 1
+    places = sorted(rng.sample(range(4), n))
+    # Each shape: (color, shape, quadrant, dx, dy, size) with jitter as fractions of a quadrant. Colour and shape are
+    # drawn independently and uniformly, and the quadrants are a uniform subset, so every answer below is uniform
+    # over its options whatever the question's wording.
+    spec = [(rng.choice(list(COLORS)), rng.choice(SHAPES), q,
+             rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(0.6, 0.75)) for q in places]
+    if family == "img_count":
+        choices, ans = _choices(str(n), ("1", "2", "3", "4"))
+        solution = "There is 1 shape." if n == 1 else f"There are {n} shapes."
+        return spec, "How many shapes are in the picture?", choices, ans, solution
+    col, shp, q = spec[0][:3]  # the one shape
+    if family == "img_color":
+        choices, ans = _choices(col, list(COLORS))
+        return spec, f"What color is the {shp}?", choices, ans, f"The {shp} is {col}."
+    if family == "img_shape":
+        choices, ans = _choices(shp, SHAPES)
+        return spec, f"Which shape is {col}?", choices, ans, f"The {col} shape is {_a(shp)}."
+    choices, ans = _choices(PLACES[q], PLACES)
+    return spec, f"Where is the {col} {shp}?", choices, ans, f"The {col} {shp} is at the {PLACES[q]}."
 
 
 def _text_fact(rng, family, who):
@@ -770,7 +767,8 @@ def _text_question(rng, family):
 
 
 def _fact_question(rng, family):
-    """A question whose answer is a fact of the fixed base; distractors and order are redrawn every time."""
+    """A question whose answer is a fact of the fixed base, which recurs across splits (options in a fixed order but
+    for the opposites, whose candidates are drawn each time and listed alphabetically)."""
     if family == "fact_animal":
         group = rng.choice(list(ANIMALS))
         animal = rng.choice(ANIMALS[group])

@@ -1596,6 +1596,16 @@ def test_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     assert sample.answer(loaded, tok2, p, img, s, None) == sample.answer(model, tok, p, img, s, None)
 
 
+def test_chat_prompt_follows_the_training_format(tok):
+    """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
+    line = "What color is the circle? (A) red (B) green"
+    ids = sample.chat_prompt(tok, {"chat": "scienceqa", "fmt": "QCM-EA"}, [], line, True, 200)
+    expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
+    assert ids == data.encode_prompt(tok, expected, True)
+    ids = sample.chat_prompt(tok, {"chat": "instruction"}, [("hi", "hello")], line, False, 200)
+    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201)["tokens"].tolist()
+
+
 # =====================================================================================================================
 # Benchmark (bench.py)
 # =====================================================================================================================
