@@ -3,16 +3,16 @@ Parameter-efficient modules that go inside the frozen backbones, and the plain f
 freeze everything else, save and load them, and fold them away for inference.
 
 - `MMAdapter`: LaVIN's Mixture-of-Modality adapter (paper §3.2; luogen1996/LaVIN lavin/mm_adapter.py
-  `RepAdapter_Router`; spec lavin-spec.md §1.4-1.5). A shared down-projection C->8, two grouped up-projections
+  `RepAdapter_Router`). A shared down-projection C->8, two grouped up-projections
   8->C, mixed by a soft modality router (router.py):
 
       Y = X + s · [ w0 · up0(Z) + w1 · up1(Z) ],   Z = dropout(down(X)),   w = softmax(W_r r / tau)
 
   It sits between `attention_norm` and wq/wk/wv in every LLaMA block, and between `ln_1` and the attention in every
   CLIP block. There is no non-linearity, so in eval mode it is an affine map that `fold_mma_into_qkv` merges into
-  the q/k/v projections (the "Rep" of RepAdapter, which the official code never implements; spec §12e).
-- `LoRALinear` (Hu et al. 2021, configured as in the LLaVA scaling study, peers-spec §1) and `MixLoRALinear`
-  (conditional mixture of LoRA, Shen et al. 2024, peers-spec §3): frozen linears with a trainable low-rank update.
+  the q/k/v projections (the "Rep" of RepAdapter, which the official code never implements; README, difference 6).
+- `LoRALinear` (Hu et al. 2021, configured as in the LLaVA scaling study, Lu et al. 2023) and `MixLoRALinear`
+  (conditional mixture of LoRA, Shen et al. 2024): frozen linears with a trainable low-rank update.
 - `AdapterArgs`, `inject_adapters`, `mark_trainable`, `trainable_state_dict`, `load_trainable`,
   `convert_official_lavin`: one `method` value picks MMA (default), LoRA, MixLoRA or full fine-tuning.
 
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from router import FactorRouter, Router
+from router import FactorRouter, Router, default_tau
 
 METHODS = ("mma", "lora", "mixlora", "full")
 
@@ -37,20 +37,20 @@ METHODS = ("mma", "lora", "mixlora", "full")
 @dataclass
 class AdapterArgs:
     method: str = "mma"  # mma | lora | mixlora | full
-    # MM-Adapter (spec §1.5 and §5.2: adapter dim 8, scale 1, dropout 0.1, tau 10 for 7B / 5 for 13B)
+    # MM-Adapter, as the official finetuning_sqa_*.sh: adapter dim 8, scale 1, dropout 0.1
     adapter_dim: int = 8
     adapter_scale: float = 1.0
     adapter_dropout: float = 0.1
-    tau: float = 10.0
-    # LoRA, LLaVA scaling study defaults (peers-spec §1.2): alpha = 2 * rank, dropout 0.05, every LLM linear but the head
+    tau: float | None = None  # router temperature; None: router.default_tau of the LLaMA width (10 for 7B, 5 for 13B)
+    # LoRA, the LLaVA scaling study's defaults: alpha = 2 * rank, dropout 0.05, every LLM linear but the head
     lora_rank: int = 64
     lora_alpha: float | None = None  # None -> 2 * rank
     lora_dropout: float = 0.05
     lora_targets: str = "q,k,v,o,gate,up,down"
-    # MixLoRA (peers-spec §3.5-3.6): pool E, r chosen per instance, alpha = 2E in the released script
+    # MixLoRA (Shen et al. 2024): pool E, r chosen per instance, alpha = 2E in the released script
     mix_pool: int = 16
     mix_rank: int = 4
-    mix_alpha: float | None = None  # None -> 2 * pool (released script; a confound against LoRA's 2r, see peers-spec)
+    mix_alpha: float | None = None  # None -> 2 * pool (the released script; note LoRA's is 2r)
     mix_cfs: str = "dot"  # dot (paper) | separable (released code) | none (IFS only)
     mix_mode: str = "weighted"  # weighted (routers learn; project decision) | hard (released: routers get no gradient)
     mix_lambda: float = 1.0
@@ -75,7 +75,7 @@ class GroupedLinear(nn.Module):
     """
     A 1x1 grouped convolution written as a linear map: hidden (.., h) -> (.., C) with `groups` blocks.
     Output channels [g·C/G, (g+1)·C/G) read only hidden units [g·h/G, (g+1)·h/G). The weight is stored (C, h/G),
-    which is the official Conv1d weight [C, h/G, 1] without its kernel axis (spec §1.5, "grouped up-projection").
+    which is the official Conv1d weight [C, h/G, 1] without its kernel axis (lavin/mm_adapter.py, `groups=2`).
     """
 
     def __init__(self, hidden: int, out: int, groups: int):
@@ -94,7 +94,7 @@ class GroupedLinear(nn.Module):
         return y.flatten(-2) + self.bias.to(y.dtype)  # (B, T, C)
 
     def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense, block-diagonal (C, h) matrix B̃ of spec §1.5."""
+        """The equivalent dense, block-diagonal (C, h) matrix B̃ (for folding)."""
         G = self.groups
         C, k = self.weight.shape
         dense = self.weight.new_zeros(C, G * k)
@@ -104,7 +104,7 @@ class GroupedLinear(nn.Module):
 
 
 class MMAdapter(nn.Module):
-    """x (B, T, C), r (B, C) router input -> (B, T, C). 20·C + 10 parameters (spec §4)."""
+    """x (B, T, C), r (B, C) router input -> (B, T, C). 20·C + 10 parameters (paper Table 6: 3.8M for 7B)."""
 
     def __init__(self, dim: int, hidden: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1,
                  tau: float = 10.0):
@@ -128,7 +128,7 @@ class MMAdapter(nn.Module):
     @torch.no_grad()
     def affine(self, w: torch.Tensor):
         """
-        In eval mode, for fixed routing w = (w0, w1), the adapter is x -> M x + c with M = I + U A (spec §12e):
+        In eval mode, for fixed routing w = (w0, w1), the adapter is x -> M x + c with M = I + U A:
         U = s (w0 B̃ + w1 D̃) (C, h), A (h, C), c = U a + s (w0 b_B + w1 b_D). Returns (U, A, c) in fp32.
         """
         w0, w1 = w.float().tolist()
@@ -142,7 +142,7 @@ class MMAdapter(nn.Module):
 @torch.no_grad()
 def fold_mma_into_qkv(attention: nn.Module, adapter: MMAdapter, w: torch.Tensor) -> dict:
     """
-    Re-parameterisation (spec §12e): q = W_q (M x + c) = (W_q + (W_q U) A) x + W_q c, likewise k and v. Replaces
+    Re-parameterisation (README, difference 6): q = W_q (M x + c) = (W_q + (W_q U) A) x + W_q c, likewise k and v. Replaces
     attention.wq/wk/wv with biased linears (the bias is added before RoPE, exactly where the adapter output entered)
     and returns the original modules so the caller can restore them bit-exactly.
     """
@@ -177,11 +177,11 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
-        self.merged = False
+        self.original: torch.Tensor | None = None  # W0 while merged (on the CPU), so unmerge restores it bit-exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.original is not None:  # merged: the update is already inside self.weight
             return y
         # Apply A first, then B: (.., d_in) -> (.., r) -> (.., d_out), never forming the d_out x d_in product.
         z = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
@@ -189,16 +189,23 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self):
-        """W = W0 + (alpha/r) B A: no inference overhead afterwards (one way: the frozen weight is overwritten)."""
-        if not self.merged:
+        """W = W0 + (alpha/r) B A: no inference overhead afterwards. W0 waits on the CPU meanwhile, since subtracting
+        the update again would not give W0 back bit for bit in bf16."""
+        if self.original is None:
+            self.original = self.weight.detach().cpu().clone()
             self.weight.add_((self.scaling * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype))
-            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.original is not None:
+            self.weight.copy_(self.original.to(self.weight.device))
+            self.original = None
 
 
 class MixLoRALinear(nn.Linear):
     """
     y = W0 x + (alpha / r) · Σ_i g_i b_{j_i} a_{k_i}ᵀ dropout(x), with the r factors (k_i, j_i) chosen per instance
-    by a FactorRouter from the mean of this layer's own input over the sequence (peers-spec §3.2).
+    by a FactorRouter from the mean of this layer's own input over the sequence (Shen et al. 2024, §3).
 
     Open choices, labelled: we pool over every position, padding included, as the released code does; and at
     decode time the layer re-routes on the single new token, also as the released code does.
@@ -235,20 +242,21 @@ class MixLoRALinear(nn.Linear):
 def inject_adapters(model: nn.Module, args: AdapterArgs):
     """
     Put the method's modules into a LaVIN model (model.py) in place. MMA: an MM-Adapter in every LLaMA block and every
-    CLIP block (spec §1.4). LoRA / MixLoRA: wrap the chosen LLaMA linears; CLIP stays frozen and un-adapted
-    (peers-spec §1.4). Full: nothing to add. New modules are created fp32 on the device of the weights they adapt
+    CLIP block (paper §3.2, Fig. 2). LoRA / MixLoRA: wrap the chosen LLaMA linears; CLIP stays frozen and un-adapted
+    (as in LLaVA). Full: nothing to add. New modules are created fp32 on the device of the weights they adapt
     (the meta device included, so 7B/13B shapes can be counted without memory).
     """
     llama, visual = model.llama, model.visual
     if args.method == "mma":
+        tau = args.tau if args.tau is not None else default_tau(llama.args.dim)  # one temperature for both towers
         for layer in llama.layers:
             with torch.device(layer.attention.wq.weight.device):
                 layer.adapter_attn = MMAdapter(llama.args.dim, args.adapter_dim, 2, args.adapter_scale,
-                                               args.adapter_dropout, args.tau)
-        for block in visual.blocks:
+                                               args.adapter_dropout, tau)
+        for block in visual.blocks[:visual.args.used_layers]:  # not the blocks whose output LaVIN never reads
             with torch.device(block.attn.in_proj.weight.device):
                 block.adapter_attn = MMAdapter(visual.args.width, args.adapter_dim, 2, args.adapter_scale,
-                                               args.adapter_dropout, args.tau)
+                                               args.adapter_dropout, tau)
     elif args.method in ("lora", "mixlora"):
         for layer in llama.layers:
             for target in args.lora_targets.split(","):
@@ -269,17 +277,17 @@ def inject_adapters(model: nn.Module, args: AdapterArgs):
 def is_trainable(name: str, args: AdapterArgs) -> bool:
     """The one rule that says which LaVIN parameters train, by name."""
     if args.method == "mma":
-        # The official rule (spec §3): trainable iff the name contains "adapter" — the LLaMA and CLIP adapters, the
+        # The official rule (train.py of luogen1996/LaVIN): trainable iff the name contains "adapter" — the LLaMA and CLIP adapters, the
         # neck `adapter_proj` and `adapter_modality_embedding`. No bias or norm tuning.
         return "adapter" in name
     if args.method in ("lora", "mixlora"):
         # LoRA factors (+ MixLoRA routers, which only learn in the score-weighted mode) and the visual neck, kept from
-        # LaVIN for a like-for-like ScienceQA baseline (peers-spec §1.4). The modality token has no router to feed
+        # LaVIN for a like-for-like ScienceQA baseline. The modality token has no router to feed
         # here, so it would get no gradient: frozen.
         if ".router." in name:
             return args.method == "mixlora" and args.mix_mode == "weighted"
         return ".lora_" in name or name.startswith("adapter_proj.")
-    # full: everything on the loss path. CLIP's ln_post/proj are unused by LaVIN (spec §1.3) and the modality token
+    # full: everything on the loss path. CLIP's ln_post/proj are unused by LaVIN and the modality token
     # reaches the loss only through MM-Adapter routers, so these would get no gradient (and break DDP/FSDP).
     return not (name.startswith("visual.ln_post") or name == "visual.proj" or "modality" in name)
 
@@ -287,6 +295,9 @@ def is_trainable(name: str, args: AdapterArgs) -> bool:
 def mark_trainable(model: nn.Module, args: AdapterArgs):
     for name, p in model.named_parameters():
         p.requires_grad_(is_trainable(name, args))
+    # CLIP blocks after the last class token LaVIN takes never reach the loss: nothing there may train (DDP and FSDP2
+    # need a gradient for every trainable parameter). ViT-L/14 has none such.
+    model.visual.blocks[model.visual.args.used_layers:].requires_grad_(False)
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
@@ -329,7 +340,7 @@ def load_trainable(model: nn.Module, sd: dict):
 
 def convert_official_lavin(sd: dict) -> dict:
     """
-    Official LaVIN adapter keys (spec §10.3) -> ours. The official modules are 1x1 Conv1d, so their weights carry a
+    Official LaVIN adapter keys (the released checkpoint-*.pth) -> ours. The official modules are 1x1 Conv1d, so their weights carry a
     trailing kernel axis of size 1 that we drop; names map as:
       layers.{i}.adapter_attn.conv_A / conv_B / conv_D / expert_weights -> llama.layers.{i}.adapter_attn.down/up0/up1/router.proj
       backbone.visual.transformer.resblocks.{j}.adapter_attn.*         -> visual.blocks.{j}.adapter_attn.*

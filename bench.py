@@ -1,7 +1,7 @@
 """
 bench.py: check LaVIN's efficiency claims on your own hardware, side by side with LoRA, MixLoRA and full fine-tuning.
 
-The paper's headline is cost (Luo et al., NeurIPS 2023, arXiv 2305.15023, Table 6; spec lavin-spec.md §4, §5.3, §13):
+The paper's headline is cost (Luo et al., NeurIPS 2023, arXiv 2305.15023, Table 6 and the official README's model zoo):
 LaVIN-7B trains 3.8M parameters (exactly 3,781,296) for 20 ScienceQA epochs in 1.4 h on 8 A100s, peaking at 33.9 GB
 and leaving a 15 MB checkpoint; LaVIN-13B trains 5.4M (5,390,080) in 2 h, 55.9 GB, 20 MB. This script prints
 
@@ -24,7 +24,7 @@ as readable tables, then as one JSON object (also written to --json PATH).
 No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
 materialised on the GPU with `to_empty` and filled with random numbers.
 
-FLOPs and MFU with a frozen base (style-guide §4.1). nanoGPT's 6N per token assumes every weight trains: 2N forward,
+FLOPs and MFU with a frozen base. nanoGPT's 6N per token assumes every weight trains: 2N forward,
 2N for the input gradients, 2N for the weight gradients. A frozen weight that gradients must pass through (every LLaMA
 weight here, since the adapters and the visual neck sit at its input) skips the weight gradient and costs 4N; a frozen
 weight with nothing trainable below it (CLIP under LoRA, which runs under no_grad) costs 2N. So per LLaMA token
@@ -56,11 +56,11 @@ import torch
 
 from adapters import METHODS, AdapterArgs, LoRALinear, MixLoRALinear
 from clip_vit import VISION_PRESETS
-from data import IGNORE, N_VISUAL, SCIENCEQA_TRAIN_LENGTH_PERCENTILES
-from model import LLAMA_PRESETS, build_lavin, count_params, format_param_table, param_table
+from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
+from model import IGNORE, LLAMA_PRESETS, build_lavin, count_params
 
 # ---------------------------------------------------------------------------------------------------------------------
-# What the paper claims (Table 6 and the README model zoo, spec §5.3), and what it trains on (spec §0, §5.1)
+# What the paper claims (Table 6 and the official README's model zoo), and what it trains on
 
 PAPER = {"7B": dict(trainable="3.8M", hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),
          "13B": dict(trainable="5.4M", hours=2.0, gpus=8, gpu="A100", mem_gb=55.9, ckpt_mb=20)}
@@ -134,7 +134,7 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The FLOP model (style-guide §4.1): count the matmul weights each token passes through, by what backward does there
+# The FLOP model: count the matmul weights each token passes through, by what backward does there
 
 def _linear_cost(lin, grad_in: bool) -> float:
     """FLOPs per token through one (possibly LoRA-wrapped) linear: 2 per weight forward, 2 more if gradients must
@@ -183,7 +183,7 @@ def flop_model(model) -> dict:
                   for b in vis.blocks for lin in (b.attn.in_proj, b.attn.out_proj, b.mlp.c_fc, b.mlp.c_proj))
     attn = (12 if vis_grad else 4) * a.layers * a.width * t_vis  # QK^T and AV: 4 L d T forward, twice that backward
     patch = _linear_cost(vis.conv1, grad_in=False) * (t_vis - 1)  # the patch conv is a matmul; pixels need no gradient
-    neck = sum(_linear_cost(fc, True) for fc in (model.adapter_proj.fc1, model.adapter_proj.fc2)) * N_VISUAL
+    neck = sum(_linear_cost(fc, True) for fc in (model.adapter_proj.fc1, model.adapter_proj.fc2)) * model.visual.args.n_tokens
     return {"n_frozen": n_frozen, "n_trainable": n_trainable, "llama_matmul": llama_mm,
             "attn_coef": 12 * llama.args.n_layers * llama.args.dim,  # x T gives the attention FLOPs per token
             "vision_per_image": t_vis * (per_tok + attn) + patch + neck}
@@ -201,6 +201,39 @@ def batch_flops(fm: dict, batch_len, batch_size: int, n_images) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Trainable parameters by method at the real shapes
+
+# The rows of the method comparison: (label, AdapterArgs overrides). LoRA at two ranks of the LLaVA scaling study.
+METHOD_ROWS = [("MMA (LaVIN)", dict(method="mma")), ("LoRA r=8", dict(method="lora", lora_rank=8)),
+               ("LoRA r=64", dict(method="lora", lora_rank=64)),
+               ("MixLoRA E=16 r=4", dict(method="mixlora", mix_pool=16, mix_rank=4)), ("Full", dict(method="full"))]
+PAPER_TRAINABLE = {"7B": 3_781_296, "13B": 5_390_080}  # the exact counts behind the paper's 3.8M and 5.4M
+
+
+def param_table(sizes=("7B", "13B")) -> list[dict]:
+    """Trainable parameters and fp32 checkpoint size by method for LaVIN at the real shapes, built on the meta device
+    (no weights, no memory)."""
+    rows = []
+    for size in sizes:
+        for label, over in METHOD_ROWS:
+            model = build_lavin(size, "ViT-L/14", AdapterArgs(**over), device="meta")
+            trainable, total = count_params(model)
+            rows.append({"model": f"LaVIN-{size}", "method": label, "trainable": trainable, "total": total,
+                         "share_%": 100 * trainable / total, "ckpt_MB": trainable * 4 / 1e6,
+                         "paper": PAPER_TRAINABLE[size] if over["method"] == "mma" else None})
+    return rows
+
+
+def format_param_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<10} {'method':<18} {'trainable':>15} {'share':>8} {'ckpt (fp32)':>12} {'paper':>12}"]
+    for r in rows:
+        paper = f"{r['paper']:,}" if r["paper"] else "-"
+        lines.append(f"{r['model']:<10} {r['method']:<18} {r['trainable']:>15,} {r['share_%']:>7.3f}% "
+                     f"{r['ckpt_MB']:>9.1f} MB {paper:>12}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Synthetic ScienceQA-shaped batches
 
 def sample_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -215,12 +248,12 @@ def sample_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(np.round(lens), MAX_SEQ_LEN).astype(int)
 
 
-def make_batch(lengths, pad_to, vocab: int, image_size: int, device, gen: torch.Generator) -> dict:
+def make_batch(lengths, pad_to, vocab: int, image_size: int, n_visual: int, device, gen: torch.Generator) -> dict:
     """
     A batch in data.collate's layout with random token ids: row b has lengths[b] positions including the modality
-    token the model prepends, so tokens (B, T - 1) with T = pad_to or max(lengths). Even rows carry an image: the
-    6 placeholder 0s after BOS and the 3 pieces of "Image: ", as data.py lays them out. The last quarter of each row
-    is labelled (the answer and EOS); pads are 0 with label IGNORE.
+    token the model prepends, so tokens (B, T - 1) with T = pad_to or max(lengths). Every row starts with
+    data.sequence_head (LLaMA's encoding of the prefix); even rows carry an image and its n_visual placeholders.
+    The last quarter of each row is labelled (the answer and EOS); pads are 0 with label IGNORE.
     """
     # Token values do not change the cost of a step, only the shapes and which rows carry an image do; random ids
     # keep the batch independent of any tokenizer, so 7B/13B need no files at all.
@@ -228,21 +261,21 @@ def make_batch(lengths, pad_to, vocab: int, image_size: int, device, gen: torch.
     T = pad_to or max(lengths)
     tokens = torch.zeros(B, T - 1, dtype=torch.long)  # (B, T - 1): the model adds slot 0
     labels = torch.full((B, T - 1), IGNORE, dtype=torch.long)  # (B, T - 1)
-    vis_mask = torch.zeros(B, T - 1, dtype=torch.bool)  # (B, T - 1): True at image rows' 6 placeholder slots
+    vis_mask = torch.zeros(B, T - 1, dtype=torch.bool)  # (B, T - 1): True at image rows' placeholder slots
     # Alternate rows carry an image: 48.9% of ScienceQA does, and a deterministic split keeps methods comparable.
     has_image = torch.tensor([b % 2 == 0 for b in range(B)], dtype=torch.long)  # (B,)
     for b, n in enumerate(lengths):
         n = int(n) - 1  # this row's tokens without the modality token
         row = torch.randint(3, vocab, (n,), generator=gen)  # ids >= 3: never pad/placeholder 0, BOS 1 or EOS 2
-        row[0] = 1  # BOS
-        if has_image[b]:
-            # [BOS] + 3 pieces of "Image: " (data.py's LLaMA tokenisation), then the 6 placeholders at slots 4..9,
-            # which model.embed overwrites with the neck's visual tokens
-            row[4:4 + N_VISUAL] = 0
-            vis_mask[b, 4:4 + N_VISUAL] = True
+        img = bool(has_image[b])
+        prefix = row[1:1 + len(LLAMA_PREFIX_IDS[img])].tolist()  # random ids in the shape of LLaMA's prefix
+        head = sequence_head(1, prefix, n_visual if img else 0)  # BOS 1, prefix, placeholders
+        row[:len(head)] = torch.tensor(head)
+        if img:  # the placeholders, which model.embed overwrites with the neck's visual tokens
+            vis_mask[b, len(head) - n_visual:len(head)] = True
         tokens[b, :n] = row
-        # The loss covers answer tokens + EOS only (spec §6.3); a quarter of the row is about a ScienceQA QCM-ALE
-        # answer (lecture + solution). It barely matters for cost: the head runs on every position either way.
+        # The loss covers answer tokens + EOS only (util/datasets.py); a quarter of the row is about a ScienceQA
+        # QCM-ALE answer (lecture + solution). It barely matters for cost: the head runs on every position either way.
         ans = max(1, n // 4)
         labels[b, n - ans:n] = row[n - ans:n]
     n_img = int(has_image.sum())
@@ -280,8 +313,7 @@ def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, se
     as the paper keeps them in fp16); trainable ones stay fp32 masters under autocast, except for full fine-tuning in
     bf16, where fp32 masters plus AdamW state of a 7B (~112 GB) fit no single GPU, so everything stays bf16.
     """
-    tau = 5.0 if size == "13B" else 10.0  # official scripts: 10 for 7B, 5 for 13B (spec §5.1)
-    model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank, tau=tau), device="meta")
+    model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank), device="meta")
     model.to(dtype)  # on the meta device a cast only relabels the dtype
     if method != "full":
         for p in model.parameters():
@@ -320,7 +352,7 @@ def measure_train(model, batch: dict, args, amp) -> list[float]:
     """Seconds per training step (forward + backward + AdamW), warmup steps dropped."""
     model.train()  # adapter dropout on, as in training
     params = [p for p in model.parameters() if p.requires_grad]
-    # The official recipe's optimizer (spec §5.1); the fused CUDA kernel is lighter on memory for full fine-tuning.
+    # The official recipe's optimizer (AdamW, betas 0.9/0.95); the fused CUDA kernel is lighter on memory for full fine-tuning.
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02,
                             fused=args.device.type == "cuda")
     # Compiling wraps the module; generation below keeps using the plain one (its KV-cache loop changes shapes).
@@ -349,10 +381,11 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
     model.eval()
     vocab, S = model.llama.args.vocab_size, model.visual.args.image_size
     gen = torch.Generator().manual_seed(args.seed + 1)
-    prompts = []  # B lists of 1 + GEN_PROMPT_LEN + 6 ids; equal lengths, so no left padding is timed
-    for _ in range(args.batch_size):  # data.encode_prompt's layout: [BOS] "Image: " [0]*6 prompt
-        body = torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()
-        prompts.append([1] + body[:3] + [0] * N_VISUAL + body[3:])
+    prefix = torch.randint(3, vocab, (len(LLAMA_PREFIX_IDS[True]),), generator=gen).tolist()  # LLaMA's prefix shape
+    head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout
+    prompts = []  # B lists of len(head) + GEN_PROMPT_LEN ids; equal lengths, so no left padding is timed
+    for _ in range(args.batch_size):
+        prompts.append(head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist())
     images = torch.randn(args.batch_size, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
     has_image = [True] * args.batch_size
     if merge:
@@ -474,7 +507,7 @@ def paper_check(seed: int) -> list[dict]:
     the paper's 8 A100s, and the utilisation the paper's wall time implies."""
     rows = []
     for size, claim in PAPER.items():
-        fm = flop_model(build_lavin(size, "ViT-L/14", AdapterArgs(tau=5.0 if size == "13B" else 10.0),
+        fm = flop_model(build_lavin(size, "ViT-L/14", AdapterArgs(),
                                     device="meta"))
         peak = dict(PEAK_BF16_TFLOPS)[claim["gpu"]] * 1e12 * claim["gpus"]  # 8 x 312 TFLOP/s (fp16 peak is the same)
         for seq in ("pad512", "scienceqa"):
@@ -577,19 +610,20 @@ def main(argv=None) -> dict:
     result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
               "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
 
-    # ---- 1. parameters and checkpoint size (counted by model.param_table at the real shapes)
+    # ---- 1. parameters and checkpoint size (counted by param_table at the real shapes)
     print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
     result["params"] = param_table()
     print(format_param_table(result["params"]))
     exact = {r["model"]: r["trainable"] for r in result["params"] if r["method"] == "MMA (LaVIN)"}
     ok = exact == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
-    print(f"MMA counts equal the spec's exact 3,781,296 / 5,390,080: {'yes' if ok else 'NO'}. Paper (Table 6): "
+    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if ok else 'NO'}. Paper (Table 6): "
           + "; ".join(f"{s}: {c['trainable']} params, {c['ckpt_mb']} MB checkpoint" for s, c in PAPER.items()))
 
     # ---- 2. the measured training step: the same batch for every method, drawn once from ScienceQA's lengths
     lengths = sample_lengths(args.batch_size, np.random.default_rng(args.seed))  # (B,) real lengths, <= 512
     batch = make_batch(lengths, MAX_SEQ_LEN if args.seq == "pad512" else None, LLAMA_PRESETS[args.model].vocab_size,
-                       VISION_PRESETS[args.vision].image_size, args.device, torch.Generator().manual_seed(args.seed))
+                       VISION_PRESETS[args.vision].image_size, VISION_PRESETS[args.vision].n_tokens, args.device,
+                       torch.Generator().manual_seed(args.seed))
     B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
     n_img = int(batch["has_image"].sum())
     result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": n_img}
@@ -620,7 +654,7 @@ def main(argv=None) -> dict:
     print_extrapolation(result, args)
 
     # ---- 4. generation
-    print(f"\n== 4. Generation: {args.batch_size} image prompts of {1 + GEN_PROMPT_LEN + N_VISUAL} tokens, "
+    print(f"\n== 4. Generation: {args.batch_size} image prompts of {GEN_PROMPT_LEN} tokens after the head, "
           f"{args.gen_tokens} new tokens each, greedy, KV cache, median of 2 runs after 1 warm-up ==")
     print_generation(result)
 

@@ -4,20 +4,20 @@ loader and the Pillow + numpy image preprocessing that LaVIN feeds it.
 
 It follows
 - openai/CLIP clip/model.py: LayerNorm (fp32), QuickGELU, ResidualAttentionBlock, VisionTransformer, and
-  build_model, which infers every hyperparameter from the checkpoint's tensor shapes (lavin-spec.md §1.3, §10.2);
+  build_model, which infers every hyperparameter from the checkpoint's tensor shapes;
 - luogen1996/LaVIN clip/model.py: the modified VisionTransformer forward, which puts a router adapter in front of
-  each block's attention and returns the raw CLS token after every 4th of the 24 blocks (spec §1.4, §1.6).
+  each block's attention and returns the raw CLS token after every 4th of the 24 blocks.
 
 Deliberate departures from the official code
 - Batch-first (B, T, W) activations everywhere. OpenAI runs sequence-first (L, N, D) through nn.MultiheadAttention;
   we fuse q, k, v into one Linear with the same row layout, so its weights load unchanged, only renamed.
-- Per-image routing: each block's adapter routes an image from that image's own CLS token (spec §12a), instead of
-  from batch element 0 as the official code does (spec §1.5, §11 quirk 1). See ResidualAttentionBlock.forward.
-- load_clip returns fp32 weights, as the paper-time code did by loading CLIP on CPU (spec §1.3).
+- Per-image routing: each block's adapter routes an image from that image's own CLS token, instead of
+  from batch element 0 as the official code does (README, difference 1). See ResidualAttentionBlock.forward.
+- load_clip returns fp32 weights, as the official code has them by loading CLIP on CPU.
 - 16-bit greyscale images are scaled to 8 bit; Pillow's convert("RGB"), used by the official pipeline, clips them
   (any value >= 255 becomes white). ScienceQA images are 8-bit, so this changes nothing there.
 
-Used by model.py (LaVIN wraps VisionTransformer), hence by train.py, sample.py and bench.py; tests:
+Used by model.py (LaVIN wraps VisionTransformer) and data.py (preprocessing); tests:
     python -m pytest test_all.py -k clip
 """
 
@@ -64,7 +64,7 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
         # q, k, v in one matmul. The (3W, W) weight stacks the q rows, then the k rows, then the v rows: exactly
-        # nn.MultiheadAttention's in_proj_weight, so OpenAI's tensors load as they are (spec §10.2).
+        # nn.MultiheadAttention's in_proj_weight, so OpenAI's tensors load as they are.
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
@@ -107,7 +107,7 @@ class ResidualAttentionBlock(nn.Module):
             # the adapter's "row 0 of the second axis" is batch element 0 at every token position. That gives [257, 2]
             # routing weights computed from the *first image of the batch* (a zero image when sample 0 is text-only)
             # and applied to every image: the routing depends on the batch. Here each image is routed from its own
-            # CLS token instead (spec §1.5, §11 quirk 1, §12a).
+            # CLS token instead (README, difference 1).
             h = self.adapter_attn(h, h[:, 0])  # (B, T, W), router input (B, W): each image's own CLS token
         x = x + self.attn(h)  # the residual adds to the un-normalised x
         x = x + self.mlp(self.ln_2(x))  # no adapter on the MLP (LaVIN's `router` type)
@@ -126,17 +126,31 @@ class VisionArgs:
     layers: int = 24
     heads: int = 16  # = width // 64: every OpenAI ViT uses 64-dim heads, and build_model relies on it
     output_dim: int = 768  # the CLIP joint-embedding size, the output of proj (unused by LaVIN)
-    n_features: int = 6  # LaVIN: the CLS token after every layers // n_features = 4th block (spec §1.6)
+    # LaVIN's visual tokens: the class token after every `feature_every`-th block, as the official
+    # `VisionTransformer.forward` of lavin/model.py keeps `x[:, 0]` where `(i + 1) % 4 == 0`. ViT-L/14's 24 blocks give
+    # 6 tokens, a 12-block ViT-B gives 3, an 8-block tower 2. Not in the weights: load_clip takes it as an argument.
+    feature_every: int = 4
     ln_eps: float = 1e-5
+
+    @property
+    def n_tokens(self) -> int:
+        """How many visual tokens the tower hands to LLaMA (6 for ViT-L/14)."""
+        return self.layers // self.feature_every
+
+    @property
+    def used_layers(self) -> int:
+        """The blocks LaVIN runs: those after the last class token it takes feed nothing (none for ViT-L/14)."""
+        return self.n_tokens * self.feature_every
 
 
 VISION_PRESETS = {
     "ViT-L/14": VisionArgs(),  # the tower LaVIN uses (OpenAI's ViT-L-14.pt)
-    "ViT-B/16": VisionArgs(patch_size=16, width=768, layers=12, heads=12, output_dim=512),  # CLS every 2nd block
-    # For the CPU quick start and the tests: 64 px images in a 4 x 4 grid of 16-px patches, 6 blocks (so the 6 visual
-    # tokens are the CLS after every block). Heads of 64 dims, like every OpenAI ViT, so load_clip rebuilds it from
-    # an OpenAI-layout state dict (the quick start saves its pre-trained stand-in that way).
-    "tiny": VisionArgs(image_size=64, patch_size=16, width=128, layers=6, heads=2, output_dim=64),
+    "ViT-B/16": VisionArgs(patch_size=16, width=768, layers=12, heads=12, output_dim=512),  # 3 visual tokens
+    # For the CPU quick start and the tests: 64 px images in a 4 x 4 grid of 16-px patches, 6 blocks, and the class
+    # token after every block, so that it hands LLaMA 6 visual tokens like ViT-L/14 (README, difference 20). Heads of
+    # 64 dims, like every OpenAI ViT, so load_clip rebuilds it from an OpenAI-layout state dict (the quick start saves
+    # its pre-trained stand-in that way).
+    "tiny": VisionArgs(image_size=64, patch_size=16, width=128, layers=6, heads=2, output_dim=64, feature_every=1),
 }
 
 
@@ -145,8 +159,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if args.image_size % args.patch_size:
             raise ValueError(f"image_size {args.image_size} is not a multiple of patch_size {args.patch_size}")
-        if args.layers % args.n_features:
-            raise ValueError(f"layers {args.layers} is not a multiple of n_features {args.n_features}")
+        if not 1 <= args.feature_every <= args.layers:
+            raise ValueError(f"a {args.layers}-block tower gives no visual token with the class token taken after every "
+                             f"{args.feature_every}th block: choose --clip_every between 1 and {args.layers}")
         self.args = args
         W, grid = args.width, args.image_size // args.patch_size
         # Patchify: a conv whose kernel and stride both equal the patch size applies one linear map to each
@@ -181,16 +196,15 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x)  # (B, N + 1, W)
 
     def forward(self, images):
-        """LaVIN's visual features: (B, 3, S, S) -> (B, n_features, W), the CLS token after blocks
-        k * layers // n_features, k = 1..n_features (blocks 4, 8, ..., 24 of ViT-L/14, 1-indexed; spec §1.6)."""
+        """LaVIN's visual tokens: (B, 3, S, S) -> (B, n_tokens, W), the class token after blocks feature_every,
+        2 * feature_every, ... (blocks 4, 8, ..., 24 of ViT-L/14, 1-indexed; paper §3.2 and lavin/model.py)."""
         x = self.tokens(images)  # (B, T, W)
-        every = self.args.layers // self.args.n_features
         feats = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[:self.args.used_layers]):
             x = block(x)  # (B, T, W)
-            if (i + 1) % every == 0:
+            if (i + 1) % self.args.feature_every == 0:
                 feats.append(x[:, 0])  # (B, W): the raw residual-stream CLS, without ln_post or proj
-        return torch.stack(feats, dim=1)  # (B, n_features, W)
+        return torch.stack(feats, dim=1)  # (B, n_tokens, W)
 
     def encode_image(self, images):
         """The standard CLIP image embedding: (B, 3, S, S) -> (B, output_dim). LaVIN does not use it."""
@@ -201,7 +215,7 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading OpenAI's checkpoint (spec §10.2)
+# Loading OpenAI's checkpoint (clip/clip.py load, clip/model.py build_model)
 
 VIT_L14_SHA256 = "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"
 VIT_L14_URL = f"https://openaipublic.azureedge.net/clip/models/{VIT_L14_SHA256}/ViT-L-14.pt"  # as in clip/clip.py
@@ -247,7 +261,7 @@ def _read_checkpoint(path):
     try:
         if torchscript:
             # OpenAI's release format. torch.jit is deprecated but remains the only reader of these archives; its
-            # state_dict() has the same keys that build_model sees (spec §10.2). Silence only that warning.
+            # state_dict() has the same keys that build_model sees. Silence only that warning.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -264,8 +278,9 @@ def _read_checkpoint(path):
     return obj
 
 
-def load_clip(path, device="cpu") -> VisionTransformer:
-    """Build the vision tower from OpenAI's TorchScript archive (ViT-L-14.pt) or a state dict, in fp32."""
+def load_clip(path, device="cpu", feature_every: int = 4) -> VisionTransformer:
+    """Build the vision tower from OpenAI's TorchScript archive (ViT-L-14.pt) or a state dict, in fp32. The weights
+    fix every hyperparameter but `feature_every` (which blocks' class tokens LaVIN takes), so it is an argument."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -283,7 +298,7 @@ def load_clip(path, device="cpu") -> VisionTransformer:
     grid = round((sd["positional_embedding"].shape[0] - 1) ** 0.5)  # (G² + 1, W)
     layers = sum(k.endswith(".attn.in_proj.weight") for k in sd)
     args = VisionArgs(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
-                      heads=max(1, width // 64), output_dim=sd["proj"].shape[1])
+                      heads=max(1, width // 64), output_dim=sd["proj"].shape[1], feature_every=feature_every)
     # Build on the meta device: no memory and no random init for weights that are about to be overwritten
     with torch.device("meta"):
         model = VisionTransformer(args)
@@ -303,10 +318,10 @@ def load_clip(path, device="cpu") -> VisionTransformer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Image preprocessing (spec §6.4, §12c), Pillow + numpy only
+# Image preprocessing (LaVIN's util/datasets.py transforms), Pillow + numpy only
 
 # ImageNet statistics: LaVIN normalises with these, not CLIP's, and its released adapters were trained on that
-# input distribution (spec §11 quirk 3), so they are the default.
+# input distribution, so they are the default.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # CLIP's own training statistics (openai/CLIP clip/clip.py _transform), offered as norm="clip"
@@ -359,7 +374,7 @@ def preprocess(img: Image.Image, size=224, norm="imagenet", crop=False) -> torch
         raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(_NORMS)}")
     img = to_rgb(img)  # LaVIN converts before resizing (CLIP after; only matters for palette images)
     # Image.Resampling.BICUBIC is Image.BICUBIC: what torchvision's Resize calls on a PIL image, so this is
-    # bit-exact with the official transforms (spec §6.4).
+    # bit-exact with the official transforms.
     if crop:
         w, h = img.size
         # torchvision Resize(int): short side -> size, long side -> int(size * long / short), truncated

@@ -1,50 +1,30 @@
 """
-Data for LaVIN: the tokenizer, ScienceQA prompts, token/label layout, batching, scoring, and a generated quiz.
-
-Everything that turns a JSON record into the integer tensors the model trains on lives here, plus the inverse
-direction (parsing generated text back into an answer choice and scoring it).
+Data for LaVIN: the tokenizer, the sequence layout, ScienceQA reading and prompts, token/label encoding, instruction
+data, images and batching. Everything that turns a JSON record into the integer tensors the model trains on.
 
 It follows the official code (github.com/luogen1996/LaVIN) file by file:
-- `util/base_prompt.py`        -> build_prompt / PROMPT_FORMATS (strings reproduced exactly, spec §6.2)
-- `util/datasets.py`           -> encode_example / ScienceQADataset / InstructionDataset (masking rule, spec §6.3)
-- `tools/data_processing.py`   -> build_instruction (the "Instruction: ...\nResponse:" template, spec §6.7)
-- `eval.py` (+ ScienceQA's `tools/evaluate_acc.py`) -> parse_answer / score_table (spec §7.1)
-The design notes are in /work/shared/design/lavin-spec.md; section numbers below refer to it.
+- `util/base_prompt.py`        -> build_prompt / PROMPT_FORMATS (strings reproduced exactly)
+- `util/datasets.py`           -> encode_example / ScienceQADataset / InstructionDataset (the masking rule)
+- `tools/data_processing.py`   -> build_instruction (the "Instruction: ...\nResponse:" template)
+Scoring generated answers is evaluate.py's; the generated quiz of the quick start is quiz.py's.
 
-Deliberate departures from the official code (each is commented again where it happens):
-- Ignore index is -100, not 0 (see IGNORE).
-- Batches are padded to their longest row, not to a fixed 512 (see collate).
-- Over-long samples keep at least the start of the answer (see _fit); the official code cuts the tail blindly.
-- Multi-turn conversations stay whole, with a loss on every answer (see encode_dialogue, spec §6.7).
-- The unparsable-answer fallback draws from a seeded RNG and is counted (spec §11 quirk 5).
-- Broken or missing images raise an error that names the problem id and the path, or are skipped on request.
-- The default prompt format is QCM-ALE, as the official *scripts* use, not the CQM-A of the CLI default (§11 quirk 9).
-- Layout: the six visual slots are placeholder ids (0) inside `tokens`, marked by a `vis_mask`, where
-  the official model splices the visual features in after embedding; the positions come out the same (spec §2.1).
-  Text-only items carry image=None rather than a zero image.
+Deliberate departures from the official code, commented where they happen and numbered in the README's "Differences
+from the official code": ignore index -100 (8), visual placeholders inside `tokens` (9), batches padded to their
+longest row (10), truncation that keeps the answer's start (11), whole multi-turn conversations (12), QCM-ALE by
+default (17). Text-only items carry image=None rather than a zero image (2).
 
-Without real ScienceQA at hand, `ensure_quiz()` generates a small look-alike ("the quiz") in ScienceQA's own file
-layout, so the whole pipeline runs on a laptop CPU; see make_quiz for its design.
-
-Commands that use this file:
-    python data.py                      # generate ./quiz (+ its tokenizer), print an example and length stats
-    python -m pytest -q test_all.py -k "quiz or prompt or score"    # its tests
-    train.py / sample.py / bench.py import it (ScienceQADataset, collate, parse_answer, score_table, ...).
+Used by train.py, sample.py, evaluate.py, quiz.py; tests: `python -m pytest -q test_all.py -k data`.
 """
 
-import inspect
-import io
 import json
 import random
-import re
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 import torch
-from PIL import Image, ImageDraw
 
-import clip_vit  # only load_image (RGB, clear errors) and preprocess (bicubic squash + normalisation, spec §6.4)
+import clip_vit  # only load_image (RGB, clear errors) and preprocess (bicubic squash + normalisation)
+from model import IGNORE
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -78,35 +58,48 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) > 0])
 
 
-# -----------------------------------------------------------------------------
-# Sequence layout constants (spec §2)
+def tokenizer_path(llama_dir) -> Path:
+    """Where LLaMA's tokenizer.model sits for a LLaMA folder: next to the 7B/ 13B/ folders in Meta's LLaMA-1 layout."""
+    return Path(llama_dir).parent / "tokenizer.model"
 
-IMAGE_PREFIX = "Image: "  # LLaMA: ▁Image : ▁ = [7084, 29901, 29871]; six visual tokens follow
+
+# -----------------------------------------------------------------------------
+# The sequence layout (paper §3.2; lavin/model.py): built by sequence_head, and nowhere else
+
+IMAGE_PREFIX = "Image: "  # LLaMA: ▁Image : ▁ = [7084, 29901, 29871]; the visual tokens follow
 TEXT_PREFIX = "Image: N/A"  # LLaMA: ▁Image : ▁N / A = [7084, 29901, 405, 29914, 29909]
-N_VISUAL = 6  # one CLS feature from every 4th of CLIP's 24 blocks (spec §1.6)
-# The official code maps pads and masked positions to 0 and uses ignore_index=0. That is equivalent to -100,
-# because id 0 (<unk>) never occurs as a target; -100 (PyTorch's default) keeps id 0 free to be the pad and the
-# visual placeholder in `tokens` without any risk of it being scored.
-IGNORE = -100
+# LLaMA's encodings of the two prefixes (test_all.py checks them against the real tokenizer), for bench.py's
+# synthetic batches, which need LLaMA's layout without a tokenizer file.
+LLAMA_PREFIX_IDS = {True: [7084, 29901, 29871], False: [7084, 29901, 405, 29914, 29909]}
 OPTIONS = "ABCDE"  # ScienceQA has at most 5 choices; the official `args.options`
 MIN_ANSWER_TOKENS = 8  # what truncation always keeps of an answer: "The answer is X." is 5-6 LLaMA tokens
 
 
-def _head(tok, has_image):
-    """[BOS] enc(prefix) [0]*6 (image) or [BOS] enc(prefix) (text). Returns (ids, index of first placeholder)."""
+def sequence_head(bos_id: int, prefix: list[int], n_visual: int) -> list[int]:
+    """
+    The start of every sequence, after the modality token the model prepends: [BOS] prefix [0] * n_visual, with the
+    prefix "Image: " (n_visual = the vision tower's token count, 6 for ViT-L/14) or "Image: N/A" (n_visual = 0).
+    The 0s are placeholders whose embeddings the model overwrites with the visual tokens (README, difference 9).
+    """
+    return [bos_id] + list(prefix) + [0] * n_visual
+
+
+def _head(tok, has_image, n_visual):
+    """The head for this tokenizer -> (ids, index of the first placeholder)."""
+    if has_image and not n_visual:
+        raise ValueError("an image sample needs n_visual, the vision tower's token count (VisionArgs.n_tokens)")
     prefix = tok.encode(IMAGE_PREFIX if has_image else TEXT_PREFIX, bos=False, eos=False)
-    # The six 0s are placeholders: the model overwrites their embeddings with the visual neck's outputs.
-    return [tok.bos_id] + prefix + ([0] * N_VISUAL if has_image else []), 1 + len(prefix)
+    return sequence_head(tok.bos_id, prefix, n_visual if has_image else 0), 1 + len(prefix)
 
 
-def image_slots(tok) -> slice:
-    """Positions of the six placeholders in any image sequence (before the model prepends its modality token)."""
-    _, start = _head(tok, True)
-    return slice(start, start + N_VISUAL)
+def image_slots(tok, n_visual: int) -> slice:
+    """Positions of the placeholders in any image sequence (before the model prepends its modality token)."""
+    _, start = _head(tok, True, n_visual)
+    return slice(start, start + n_visual)
 
 
 # -----------------------------------------------------------------------------
-# ScienceQA: files and prompts (spec §6.1, §6.2)
+# ScienceQA: files and prompts
 
 
 def load_scienceqa(data_dir, split) -> list[dict]:
@@ -185,7 +178,7 @@ def build_prompt(problem: dict, fmt: str = "QCM-ALE") -> tuple[str, str]:
     """(prompt, answer) exactly as util/base_prompt.py's build_prompt; the training text is prompt + answer.
 
     The default is QCM-ALE because that is what every official training and evaluation script passes. The
-    command-line default (and the paper's wording) is CQM-A, which nothing actually ran (spec §11 quirk 9).
+    command-line default (and the paper's wording) is CQM-A, which nothing actually ran (README, difference 17).
     """
     if fmt not in PROMPT_FORMATS:
         raise ValueError(
@@ -210,15 +203,15 @@ def build_prompt(problem: dict, fmt: str = "QCM-ALE") -> tuple[str, str]:
     answer = _OUTPUTS[out_fmt].format(**fields)
     # Clean-up, each string separately: one left-to-right pass of "  " -> " " (so 3 spaces become 2), then strip
     # (which also drops the leading "\n" above). The official code then tries to drop a dangling "BECAUSE:"
-    # (empty lecture and solution) but assigns the result to an unused variable, so "BECAUSE:" stays (quirk 8).
+    # (empty lecture and solution) but assigns the result to an unused variable, so "BECAUSE:" stays.
     prompt = prompt.replace("  ", " ").strip()
     answer = answer.replace("  ", " ").strip()
-    # Joined with no separator: "...\nResponse:The answer is A. BECAUSE: ..." (quirk 7).
+    # Joined with no separator: "...\nResponse:The answer is A. BECAUSE: ..." (as util/datasets.py joins them).
     return prompt, answer
 
 
 def build_instruction(instruction: str, input: str | None = "") -> str:
-    """The chatbot prompt of tools/data_processing.py (spec §6.7); it always ends in "Response:".
+    """The chatbot prompt of tools/data_processing.py; it always ends in "Response:".
 
     Alpaca records use `input` (possibly ""): "Instruction: {instruction} {input}\nResponse: " -> fold + strip, so an
     empty input leaves "Instruction: {instruction} \nResponse:" with a space before the newline, as the official
@@ -230,13 +223,13 @@ def build_instruction(instruction: str, input: str | None = "") -> str:
 
 
 # -----------------------------------------------------------------------------
-# Tokens and labels (spec §2.1, §6.3)
+# Tokens and labels (util/datasets.py)
 
 
 def _split_body(tok, prompt, answer):
     """Joint encoding of prompt + answer + EOS, split at the official boundary len(enc(prompt)).
 
-    Boundary caveat (spec §6.3): the boundary is measured on the prompt encoded *alone* but applied to the joint
+    Boundary caveat: the boundary is measured on the prompt encoded *alone* but applied to the joint
     encoding. If SentencePiece merged across "Response:" / "The", the mask would be off by a token. It does not for
     LLaMA's tokenizer on ScienceQA nor for the quiz tokenizer; test_all.py checks both.
     answer=None (inference) gives (enc(prompt), []).
@@ -252,7 +245,7 @@ def _fit(p, a, budget):
     """Truncate one (prompt ids, answer ids) pair to `budget` tokens. Returns (p, a, truncated).
 
     The official code pads/cuts the joint sequence to 512 and so silently drops the tail: lecture, solution, EOS,
-    and for a very long prompt the whole answer, leaving a sample that teaches nothing. Instead:
+    and for a very long prompt the whole answer, leaving a sample that teaches nothing. Instead (README, 11):
     1. cut the answer's tail (EOS goes first) but keep at least MIN_ANSWER_TOKENS of it ("The answer is X.");
     2. if that still does not fit, cut the prompt from its start (the caller keeps BOS, prefix and placeholders).
     (For the rare answer-last formats such as QCM-LEA the kept start is lecture text, not the letter.)
@@ -267,48 +260,58 @@ def _fit(p, a, budget):
     return p[len(p) - keep_p :], a, True
 
 
-def _assemble(tok, segments, has_image, truncated):
+def _assemble(tok, segments, has_image, n_visual, truncated):
     """Lay out [BOS] prefix [placeholders] (prompt answer)* with labels only on the answer ids (EOS included)."""
-    head, vis_start = _head(tok, has_image)
+    head, vis_start = _head(tok, has_image, n_visual)
     tokens, labels = list(head), [IGNORE] * len(head)
     for p, a in segments:
         tokens += p + a
         labels += [IGNORE] * len(p) + a
     vis_mask = torch.zeros(len(tokens), dtype=torch.bool)
     if has_image:
-        vis_mask[vis_start : vis_start + N_VISUAL] = True
+        vis_mask[vis_start : vis_start + n_visual] = True
     return dict(
         tokens=torch.tensor(tokens, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
-        vis_mask=vis_mask,  # (T,) True at the six placeholders; collate pads it
+        vis_mask=vis_mask,  # (T,) True at the placeholders; collate pads it
         truncated=truncated,
     )
 
 
-def encode_example(tok, prompt: str, answer: str, has_image: bool, max_seq_len: int = 512) -> dict:
+def encode_example(tok, prompt: str, answer: str, has_image: bool, max_seq_len: int = 512, *,
+                   n_visual: int = 0) -> dict:
     """One training sample: dict(tokens (T,), labels (T,), vis_mask (T,), truncated bool).
 
-    tokens = [BOS] enc(prefix) ([0]*6 if image) enc(prompt+answer) [EOS]; labels are IGNORE except answer + EOS.
-    max_seq_len counts the modality token the model prepends, so T <= max_seq_len - 1.
+    tokens = sequence_head + enc(prompt+answer) [EOS]; labels are IGNORE except answer + EOS. n_visual: the vision
+    tower's token count (image samples). max_seq_len counts the modality token the model prepends: T < max_seq_len.
     """
-    head, _ = _head(tok, has_image)
+    head, _ = _head(tok, has_image, n_visual)
     p, a = _split_body(tok, prompt, answer)
     p, a, truncated = _fit(p, a, max_seq_len - 1 - len(head))
-    return _assemble(tok, [(p, a)], has_image, truncated)
+    return _assemble(tok, [(p, a)], has_image, n_visual, truncated)
 
 
-def encode_prompt(tok, prompt: str, has_image: bool) -> list[int]:
-    """Inference input: the training layout up to and including "Response:" (no answer, no EOS; spec §2.2)."""
-    head, _ = _head(tok, has_image)
+def encode_prompt(tok, prompt: str, has_image: bool, *, n_visual: int = 0) -> list[int]:
+    """Inference input: the training layout up to and including "Response:" (no answer, no EOS)."""
+    head, _ = _head(tok, has_image, n_visual)
     return head + tok.encode(prompt, bos=False, eos=False)
 
 
-def encode_dialogue(tok, turns: list, has_image: bool, max_seq_len: int = 512) -> dict:
+def fit_prompt(tok, ids: list[int], has_image: bool, budget: int, *, n_visual: int = 0) -> list[int]:
+    """Cut an encoded prompt to `budget` tokens the way training cuts an over-long sample (_fit): from the start of
+    its text, keeping the head (BOS, prefix, placeholders) and the "Options: ... Response:" end the answer needs."""
+    if len(ids) <= budget:
+        return ids
+    head = len(_head(tok, has_image, n_visual)[0])
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+def encode_dialogue(tok, turns: list, has_image: bool, max_seq_len: int = 512, *, n_visual: int = 0) -> dict:
     """A multi-turn conversation: [BOS] prefix [vis] ("Instruction: u\nResponse:" a [EOS])* , loss on every a + EOS.
 
     `turns` is a list of (user, assistant); the last assistant may be None for inference (the sequence then ends
     in "Response:"). The official pipeline never trains on a dialogue: it keeps only the first turn, or makes every
-    turn its own sample without history (spec §6.7). Keeping the history is what a chat front-end needs, so this
+    turn its own sample without history (README, difference 12). Keeping the history is what a chat front-end needs, so this
     is the single place the chat template lives (sample.py uses it). A 1-turn dialogue equals encode_example of
     build_instruction(user, None).
 
@@ -322,7 +325,7 @@ def encode_dialogue(tok, turns: list, has_image: bool, max_seq_len: int = 512) -
         if assistant is None and i != len(turns) - 1:
             raise ValueError(f"turn {i}: only the last turn may lack an assistant answer")
         segments.append(_split_body(tok, build_instruction(user, None), assistant))
-    head, _ = _head(tok, has_image)
+    head, _ = _head(tok, has_image, n_visual)
     budget = max_seq_len - 1 - len(head)
     inference = turns[-1][1] is None
     truncated = False
@@ -331,23 +334,24 @@ def encode_dialogue(tok, turns: list, has_image: bool, max_seq_len: int = 512) -
         truncated = True
     p, a, cut = _fit(*segments[-1], budget - sum(len(p) + len(a) for p, a in segments[:-1]))
     segments[-1] = (p, a)
-    return _assemble(tok, segments, has_image, truncated or cut)
+    return _assemble(tok, segments, has_image, n_visual, truncated or cut)
 
 
-def prompt_lengths(problems, tok, fmt: str = "QCM-ALE") -> list[int]:
+def prompt_lengths(problems, tok, fmt: str = "QCM-ALE", *, n_visual: int) -> list[int]:
     """Untruncated length of each problem's training sequence as the model sees it: modality token + BOS + prefix
-    (+ 6 visual) + prompt + answer + EOS. So "> 512" means "truncated at max_seq_len=512". Takes a list of records
+    (+ n_visual) + prompt + answer + EOS. So "> 512" means "truncated at max_seq_len=512". Takes a list of records
     or a {pid: record} dict."""
     records = problems.values() if isinstance(problems, dict) else problems
     out = []
     for rec in records:
         prompt, answer = build_prompt(rec, fmt)
-        out.append(1 + len(encode_example(tok, prompt, answer, bool(rec.get("image")), 10**9)["tokens"]))
+        enc = encode_example(tok, prompt, answer, bool(rec.get("image")), 10**9, n_visual=n_visual)
+        out.append(1 + len(enc["tokens"]))
     return out
 
 
 # Training-length distribution of real ScienceQA for bench.py: {percentile: modality + BOS ... EOS tokens},
-# QCM-ALE, LLaMA tokenizer. The full train records are not available offline (shared/data/README.md), so this is an
+# QCM-ALE, LLaMA tokenizer. The full train records were not available to us (only the test split in full), so this is an
 # estimate: every (prompt side of one of the 4,241 complete test problems) + (answer side of one of the 150 full
 # records, which have lectures and solutions) pair, i.e. assuming the answer length is independent of the prompt.
 # About 11% exceed 512 (the 150 full records alone: 17%). The extreme tail pairs the longest prompt with the longest
@@ -369,10 +373,16 @@ def image_path(data_dir, split: str, pid: str) -> Path:
     return Path(data_dir) / "images" / split / pid / "image.png"
 
 
-def load_image_tensor(path, pid, image_size, norm):
-    """Image file -> normalised (3, S, S) tensor, as in training (spec §6.4); errors name the problem id and the path."""
+def load_image_tensor(path, image_size: int, norm: str) -> torch.Tensor:
+    """An image file -> normalised (3, S, S) tensor, as in training and at inference alike (bicubic squash to the
+    tower's size, then the normalisation; lavin's transforms). clip_vit.load_image's errors name the file."""
+    return clip_vit.preprocess(clip_vit.load_image(path), size=image_size, norm=norm)
+
+
+def _problem_image(path, pid, image_size, norm):
+    """load_image_tensor for a dataset record: errors name the problem id too."""
     try:
-        return clip_vit.preprocess(clip_vit.load_image(path), size=image_size, norm=norm)
+        return load_image_tensor(path, image_size, norm)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"problem {pid}: cannot load image {path}: {e}") from e
 
@@ -397,7 +407,7 @@ class _EncodedDataset(torch.utils.data.Dataset):
                 if self.skip_bad or self.cache_images:
                     # Decoding every image up front costs time; it is the only way to find corrupt files before
                     # training starts, so do it only when asked (skip_bad) or when the result is kept (cache).
-                    img = load_image_tensor(path, pid, self.image_size, self.norm)
+                    img = _problem_image(path, pid, self.image_size, self.norm)
                     if self.cache_images:
                         self._cache[len(self.samples)] = img
             except ValueError as e:
@@ -419,7 +429,7 @@ class _EncodedDataset(torch.utils.data.Dataset):
         if s["image_path"] is not None:
             image = self._cache.get(i)
             if image is None:
-                image = load_image_tensor(s["image_path"], s["pid"], self.image_size, self.norm)  # (3, S, S)
+                image = _problem_image(s["image_path"], s["pid"], self.image_size, self.norm)  # (3, S, S)
         return dict(tokens=s["tokens"], labels=s["labels"], vis_mask=s["vis_mask"], image=image,
                     has_image=image is not None, pid=s["pid"])
 
@@ -428,11 +438,11 @@ class ScienceQADataset(_EncodedDataset):
     """ScienceQA (or the quiz) in the official layout: items dict(tokens, labels, vis_mask, image, has_image, pid).
 
     As util/datasets.py, except: text-only items carry image=None instead of a zero image (the model skips the
-    visual path for them, spec §12a), and tokens are not padded here (collate pads per batch).
+    visual path for them; README, difference 2), and tokens are not padded here (collate pads per batch).
     """
 
-    def __init__(self, data_dir, split, tokenizer, fmt="QCM-ALE", max_seq_len=512, image_size=224, norm="imagenet",
-                 skip_bad=False, cache_images=False):
+    def __init__(self, data_dir, split, tokenizer, fmt="QCM-ALE", max_seq_len=512, image_size=224, norm="imagenet", *,
+                 n_visual: int, skip_bad=False, cache_images=False):
         super().__init__(image_size, norm, skip_bad, cache_images)
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         self.split, self.fmt = split, fmt
@@ -441,12 +451,13 @@ class ScienceQADataset(_EncodedDataset):
             prompt, answer = build_prompt(rec, fmt)
             has_image = bool(rec.get("image"))
             path = image_path(data_dir, split, rec["pid"]) if has_image else None
-            if self._add(encode_example(tok, prompt, answer, has_image, max_seq_len), path, rec["pid"]):
+            enc = encode_example(tok, prompt, answer, has_image, max_seq_len, n_visual=n_visual)
+            if self._add(enc, path, rec["pid"]):
                 self.problems[rec["pid"]] = rec
 
 
 class InstructionDataset(_EncodedDataset):
-    """Chatbot data (spec §6.7): a JSON list mixing two record kinds, detected per record.
+    """Chatbot data (the official chatbot setting, tools/data_processing.py): a JSON list mixing two record kinds, detected per record.
 
     - LLaVA-Instruct-150K: {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}. The whole
       conversation becomes one sample (encode_dialogue). The image file is image_dir / record["image"], the name
@@ -454,8 +465,8 @@ class InstructionDataset(_EncodedDataset):
     - Alpaca: {"instruction", "input", "output"}, text-only, a single turn with build_instruction(instruction, input).
     """
 
-    def __init__(self, json_path, tokenizer, image_dir=None, max_seq_len=512, image_size=224, norm="imagenet",
-                 skip_bad=False, cache_images=False):
+    def __init__(self, json_path, tokenizer, image_dir=None, max_seq_len=512, image_size=224, norm="imagenet", *,
+                 n_visual: int, skip_bad=False, cache_images=False):
         super().__init__(image_size, norm, skip_bad, cache_images)
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         json_path = Path(json_path)
@@ -470,7 +481,7 @@ class InstructionDataset(_EncodedDataset):
                     if image_dir is None:
                         raise ValueError(f"record {pid} has image {rec['image']!r} but no image_dir was given")
                     path = Path(image_dir) / rec["image"]
-                self._add(encode_dialogue(tok, turns, path is not None, max_seq_len), path, pid)
+                self._add(encode_dialogue(tok, turns, path is not None, max_seq_len, n_visual=n_visual), path, pid)
             elif "instruction" in rec and "output" in rec:
                 prompt = build_instruction(rec["instruction"], rec.get("input") or "")
                 self._add(encode_example(tok, prompt, rec["output"], False, max_seq_len), None, f"alpaca_{i}")
@@ -544,414 +555,3 @@ def length_grouped_order(lengths, batch_size: int, seed: int) -> list[int]:
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return [i for batch in batches for i in batch]
-
-
-# -----------------------------------------------------------------------------
-# Scoring (eval.py, ScienceQA's evaluate_acc.py; spec §7.1)
-
-# The official pattern. The final "." matches any character, and the first match wins.
-_ANSWER_RE = re.compile(r"The answer is ([A-Z]).")
-
-
-def parse_answer(text: str, n_choices: int, rng: random.Random) -> tuple[int, bool]:
-    """Generated text -> (choice index, used_fallback).
-
-    A letter outside the first n_choices, or no match at all ("FAILED" in eval.py), becomes a uniformly random
-    choice. The official code draws it from Python's unseeded global `random`, so its scores wobble from run to run
-    (spec §11 quirk 5); here the caller passes a seeded rng and counts the fallbacks.
-    """
-    m = _ANSWER_RE.search(text)
-    if m and m.group(1) in OPTIONS[:n_choices]:
-        return OPTIONS.index(m.group(1)), False
-    return rng.choice(range(n_choices)), True
-
-
-COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")  # the paper's table, left to right
-_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
-
-
-def _columns_of(rec):
-    """The table columns a record counts towards (evaluate_acc.py definitions: TXT and IMG may overlap)."""
-    cols = ["Avg"]
-    if rec.get("subject") in _SUBJECTS:  # null subject (reconstructed test records) -> left out of NAT/SOC/LAN only
-        cols.append(_SUBJECTS[rec["subject"]])
-    if rec.get("hint"):
-        cols.append("TXT")
-    if rec.get("image"):
-        cols.append("IMG")
-    if not rec.get("hint") and not rec.get("image"):
-        cols.append("NO")
-    grade = rec.get("grade") or ""
-    if grade.startswith("grade") and grade[5:].isdigit():
-        cols.append("G1-6" if int(grade[5:]) <= 6 else "G7-12")
-    return cols
-
-
-def score_table(problems: dict, preds: dict, n_fallback: int = 0) -> dict:
-    """Accuracy (%) per paper column over `problems` ({pid: record}); preds is {pid: predicted index}.
-
-    Returns {column: percent or None (empty column), "counts": {column: n}, "correct": {column: k},
-    "n_fallback": n_fallback}.
-    """
-    missing = [pid for pid in problems if pid not in preds]
-    if missing:
-        raise ValueError(f"{len(missing)} problems have no prediction (first: {missing[:5]})")
-    counts = dict.fromkeys(COLUMNS, 0)
-    correct = dict.fromkeys(COLUMNS, 0)
-    for pid, rec in problems.items():
-        hit = int(preds[pid]) == rec["answer"]
-        for col in _columns_of(rec):
-            counts[col] += 1
-            correct[col] += hit
-    scores = {c: (100.0 * correct[c] / counts[c] if counts[c] else None) for c in COLUMNS}
-    return dict(scores, counts=counts, correct=correct, n_fallback=n_fallback)
-
-
-def format_table(scores: dict) -> str:
-    """The paper's columns in one row, then the number of problems behind each, then the fallback count."""
-    head = "      " + "".join(f"{c:>7}" for c in COLUMNS)
-    acc = "acc % " + "".join(f"{'-' if scores[c] is None else f'{scores[c]:.2f}':>7}" for c in COLUMNS)
-    n = "n     " + "".join(f"{scores['counts'][c]:>7}" for c in COLUMNS)
-    return f"{head}\n{acc}\n{n}\nunparsed answers (random fallback): {scores['n_fallback']}"
-
-
-# -----------------------------------------------------------------------------
-# The quiz: a generated ScienceQA look-alike (the default dataset of the CPU runs)
-#
-# Same files, same 14 fields, same three kinds of problem as ScienceQA, but short and drawn from a tiny world, so a
-# dim-128 LLaMA learns it on a 2-core CPU in minutes:
-#  (a) image questions (~45%): one large flat shape in a quadrant of a white picture ("What color is the circle?",
-#      "Which shape is red?", "Where is the blue square?"), or 1-4 of them ("How many shapes are in the picture?").
-#      The question text and options do not depend on the answer, so a model that ignores the image is at chance
-#      (1/5 or 1/4). Some carry a non-informative hint, so TXT and IMG overlap as in ScienceQA.
-#  (b) text-context questions (~30%): the hint holds the answer, once ("Ann has a red kite. Ben lives in Oslo.").
-#  (c) no-context questions (~25%): a small fixed fact base (animal groups, continents, word types, opposites)
-#      that reappears across splits.
-# Every question type lists the same options in the same order (see _choices): easy on purpose.
-# captions.json describes every drawing completely (colours, shapes, count, positions): a tiny CLIP stand-in is
-# pre-trained contrastively on those captions.
-
-QUIZ_VERSION = 4  # bump when the generator changes, so ensure_quiz regenerates stale folders
-QUIZ_VOCAB = 768  # quiz tokenizer size (a soft limit): ~250 words + their pieces; more does not shorten the text
-# Five saturated colours far apart in RGB, so even a 32x32 input keeps them distinguishable.
-COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 200, 20),
-          "purple": (140, 50, 180)}
-SHAPES = ("circle", "square", "triangle", "diamond")
-PLACES = ("top left", "top right", "bottom left", "bottom right")  # the four quadrants, in reading order
-NAMES = ("Ann", "Ben", "Cal", "Dee", "Eva", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Leo")
-TEXT_COLORS = ("red", "green", "blue", "yellow", "purple")
-OBJECTS = ("kite", "ball", "hat", "cup", "bike", "book", "bag", "boat")
-CITIES = ("Paris", "Tokyo", "Cairo", "Lima", "Oslo")
-CRITTERS = ("birds", "frogs", "ducks", "dogs", "cats", "bees")
-PETS = ("dog", "cat", "fish", "rabbit", "parrot")
-# The fact base of the no-context questions: the model can only answer these by memorising them from train.
-ANIMALS = {"mammal": ("dog", "cat", "horse", "whale", "bat", "lion"),
-           "bird": ("eagle", "owl", "duck", "robin", "penguin"),
-           "fish": ("shark", "salmon", "trout", "tuna"),
-           "reptile": ("snake", "lizard", "turtle", "crocodile"),
-           "insect": ("ant", "bee", "beetle", "butterfly")}
-COUNTRIES = {"Egypt": "Africa", "Kenya": "Africa", "Brazil": "South America", "Peru": "South America",
-             "France": "Europe", "Spain": "Europe", "Japan": "Asia", "India": "Asia", "Canada": "North America",
-             "Mexico": "North America"}
-WORDS = {"noun": ("apple", "chair", "river", "teacher", "pencil", "garden"),
-         "verb": ("run", "jump", "sing", "write", "swim", "build"),
-         "adjective": ("happy", "tall", "soft", "bright", "quiet", "cold")}
-OPPOSITES = (("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("happy", "sad"),
-             ("light", "dark"), ("open", "closed"), ("early", "late"), ("full", "empty"), ("loud", "quiet"))
-# Hints that say nothing about the answer: they put some image problems in the TXT column too, as in ScienceQA.
-IMAGE_HINTS = ("Look at the picture.", "Use the picture to answer the question.", "The picture has a white background.")
-
-# family -> (subject, topic, category, skill, grade range, lectures). A lecture is sometimes left empty; some hold a
-# real newline so the "\n" escape of spec §6.2 shows up in training text.
-FAMILIES = {
-    "img_color": ("natural science", "colors", "Colors", "Identify the color of a shape", (1, 8), (
-        "Look at the picture to see the color of each shape.",
-        "Red, green, blue, yellow and purple are colors.")),
-    "img_shape": ("natural science", "shapes", "Shapes", "Identify a shape by its color", (1, 8), (
-        "A circle is round.\nA square has four equal sides.",
-        "A triangle has three sides. A diamond is a tilted square.")),
-    "img_count": ("natural science", "counting", "Counting", "Count the shapes in a picture", (1, 8), (
-        "Count each shape in the picture once.",)),
-    "img_place": ("social science", "geography", "Positions", "Find where a shape is in a picture", (1, 8), (
-        "A picture has a top and a bottom.\nIt has a left side and a right side.",)),
-    "txt_color": ("language science", "reading", "Read for details", "Find a color in a text", (3, 10), (
-        "Read the text carefully. The answer is in the text.",)),
-    "txt_city": ("social science", "geography", "Places", "Find where someone lives in a text", (3, 10), (
-        "Read the text carefully. The answer is in the text.",)),
-    "txt_count": ("natural science", "counting", "Counting", "Find a number in a text", (3, 10), (
-        "The text tells you how many there are.",)),
-    "txt_pet": ("language science", "reading", "Read for details", "Find an animal in a text", (3, 10), (
-        "The text tells you the answer.",)),
-    "fact_animal": ("natural science", "biology", "Classification", "Identify groups of animals", (2, 12), (
-        "Mammals have fur. Birds have feathers.\nFish have fins.",
-        "Reptiles have dry scales. Insects have six legs.")),
-    "fact_continent": ("social science", "geography", "Continents", "Identify the continent of a country", (2, 12), (
-        "Earth has seven continents.",
-        "A continent is a very large area of land.")),
-    "fact_word": ("language science", "grammar", "Word types", "Identify nouns, verbs and adjectives", (2, 12), (
-        "A noun names a thing. A verb names an action.\nAn adjective describes a noun.",)),
-    "fact_opposite": ("language science", "vocabulary", "Opposites", "Find the opposite of a word", (2, 12), (
-        "Opposites are words with very different meanings.",)),
-}
-KINDS = {"image": 0.45, "text": 0.30, "fact": 0.25}  # ScienceQA train: 49% image, TXT 48%, NO 34%
-
-
-def _a(word):
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _choices(correct, pool):
-    """The whole pool (at most 5, ScienceQA's maximum), in its fixed order: like many ScienceQA question types (solid /
-    liquid / gas, north / south / east / west), each quiz question type lists the same options in the same order.
-    A tiny model then needs no in-context search for the option letter, which it cannot learn in a CPU-minute budget;
-    it still has to look at the image or read the hint, since the answer is uniform over the options."""
-    assert len(pool) <= 5
-    return list(pool), list(pool).index(correct)
-
-
-def _image_question(rng, family):
-    """Draw a picture spec and a question about it."""
-    # One shape for the questions about a shape, so that the answer is a property of the whole picture (binding a
-    # colour to a shape to a place in a crowded picture is beyond what a tiny ViT + LLaMA learn in CPU minutes);
-    # 1-4 shapes for counting.
-    n = rng.randint(1, 4) if family == "img_count" else 1
-    places = sorted(rng.sample(range(4), n))
-    # Each shape: (color, shape, quadrant, dx, dy, size) with jitter as fractions of a quadrant. Colour and shape are
-    # drawn independently and uniformly, and the quadrants are a uniform subset, so every answer below is uniform
-    # over its options whatever the question's wording.
-    spec = [(rng.choice(list(COLORS)), rng.choice(SHAPES), q,
-             rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(0.6, 0.75)) for q in places]
-    if family == "img_count":
-        choices, ans = _choices(str(n), ("1", "2", "3", "4"))
-        solution = "There is 1 shape." if n == 1 else f"There are {n} shapes."
-        return spec, "How many shapes are in the picture?", choices, ans, solution
-    col, shp, q = spec[0][:3]  # the one shape
-    if family == "img_color":
-        choices, ans = _choices(col, list(COLORS))
-        return spec, f"What color is the {shp}?", choices, ans, f"The {shp} is {col}."
-    if family == "img_shape":
-        choices, ans = _choices(shp, SHAPES)
-        return spec, f"Which shape is {col}?", choices, ans, f"The {col} shape is {_a(shp)}."
-    choices, ans = _choices(PLACES[q], PLACES)
-    return spec, f"Where is the {col} {shp}?", choices, ans, f"The {col} {shp} is at the {PLACES[q]}."
-
-
-def _text_fact(rng, family, who):
-    """One sentence about `who` for a text family -> (sentence, question, answer, options, solution)."""
-    if family == "txt_color":
-        obj, col = rng.choice(OBJECTS), rng.choice(TEXT_COLORS)
-        return (f"{who} has {_a(col)} {obj}.", f"What color is {who}'s {obj}?", col, TEXT_COLORS,
-                f"{who}'s {obj} is {col}.")
-    if family == "txt_city":
-        city = rng.choice(CITIES)
-        return f"{who} lives in {city}.", f"Where does {who} live?", city, CITIES, f"{who} lives in {city}."
-    if family == "txt_count":
-        kind, num = rng.choice(CRITTERS), str(rng.randint(2, 6))
-        return (f"{who} sees {num} {kind}.", f"How many {kind} does {who} see?", num, [str(i) for i in range(2, 7)],
-                f"{who} sees {num} {kind}.")
-    pet = rng.choice(PETS)
-    return f"{who} has a pet {pet}.", f"What pet does {who} have?", pet, PETS, f"{who} has a pet {pet}."
-
-
-def _text_question(rng, family):
-    """A two-sentence hint: the fact the question asks about, and a fact of another kind about someone else, in random
-    order. The answer is uniform over the options and appears in the hint only, once: reading the hint is necessary
-    and sufficient. (Two facts of the same kind, which need binding names to values, proved too hard for a tiny model
-    to learn in the quick start's CPU minutes.)"""
-    a, b = rng.sample(NAMES, 2)
-    fact, question, value, options, solution = _text_fact(rng, family, a)
-    other = rng.choice([f for f in FAMILIES if f.startswith("txt_") and f != family])
-    hint = " ".join(rng.sample([fact, _text_fact(rng, other, b)[0]], 2))
-    choices, ans = _choices(value, options)
-    return hint, question, choices, ans, solution
-
-
-def _fact_question(rng, family):
-    """A question whose answer is a fact of the fixed base, which recurs across splits (options in a fixed order but
-    for the opposites, whose candidates are drawn each time and listed alphabetically)."""
-    if family == "fact_animal":
-        group = rng.choice(list(ANIMALS))
-        animal = rng.choice(ANIMALS[group])
-        pool = [animal if g == group else rng.choice(xs) for g, xs in ANIMALS.items()]  # one of each group
-        choices, ans = _choices(animal, pool)
-        return f"Which animal is {_a(group)}?", choices, ans, f"{_a(animal).capitalize()} is {_a(group)}."
-    if family == "fact_continent":
-        country = rng.choice(list(COUNTRIES))
-        cont = COUNTRIES[country]
-        choices, ans = _choices(cont, sorted(set(COUNTRIES.values())))
-        return f"Which continent is {country} in?", choices, ans, f"{country} is in {cont}."
-    if family == "fact_word":
-        kind = rng.choice(list(WORDS))
-        picks = {k: rng.choice(v) for k, v in WORDS.items()}  # one word of each type
-        choices, ans = _choices(picks[kind], list(picks.values()))
-        return f"Which word is {_a(kind)}?", choices, ans, f"The word {picks[kind]} is {_a(kind)}."
-    word, opp = rng.choice(OPPOSITES)[:: rng.choice((1, -1))]
-    others = rng.sample([w for pair in OPPOSITES for w in pair if word not in pair], 2)
-    choices, ans = _choices(opp, sorted([opp, *others]))  # alphabetical: the one family that needs a look-up
-    return f"What is the opposite of {word}?", choices, ans, f"The opposite of {word} is {opp}."
-
-
-def _caption(spec):
-    parts = [f"{_a(c)} {s} at the {PLACES[q]}" for c, s, q, *_ in spec]
-    n = len(spec)
-    return f"{n} shape{'s' if n > 1 else ''} on a white background: " + ", ".join(parts) + "."
-
-
-def _draw(spec, size):
-    """Flat shapes, one per quadrant, on white. Large and well apart so a tiny ViT can tell them apart."""
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    half = size / 2
-    for col, shp, q, dx, dy, scale in spec:
-        cx, cy = (q % 2 + 0.5 + dx) * half, (q // 2 + 0.5 + dy) * half  # quadrant centre + jitter, in pixels
-        r = scale * half / 2
-        box = (round(cx - r), round(cy - r), round(cx + r), round(cy + r))
-        if shp == "circle":
-            draw.ellipse(box, fill=COLORS[col])
-        elif shp == "square":
-            draw.rectangle(box, fill=COLORS[col])
-        elif shp == "triangle":
-            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=COLORS[col])
-        else:  # diamond
-            draw.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=COLORS[col])
-    return img
-
-
-def _quiz_record(rng, split):
-    """One problem in ScienceQA's schema, plus (spec, key); spec is None for text-only problems."""
-    kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
-    family = rng.choice([f for f in FAMILIES if f.startswith({"image": "img", "text": "txt", "fact": "fact"}[kind])])
-    subject, topic, category, skill, (g_lo, g_hi), lectures = FAMILIES[family]
-    spec, hint = None, ""
-    if kind == "image":
-        spec, question, choices, answer, solution = _image_question(rng, family)
-        if rng.random() < 0.4:
-            hint = rng.choice(IMAGE_HINTS)
-        key = (question, tuple(spec))  # the drawing itself: jitter and size make every picture new
-    elif kind == "text":
-        hint, question, choices, answer, solution = _text_question(rng, family)
-        key = (hint, question)
-    else:
-        question, choices, answer, solution = _fact_question(rng, family)
-        key = None  # facts are meant to reappear across splits
-    rec = dict(question=question, choices=choices, answer=answer, hint=hint, image="image.png" if spec else None,
-               task="closed choice", grade=f"grade{rng.randint(g_lo, g_hi)}", subject=subject, topic=topic,
-               category=category, skill=skill, lecture="" if rng.random() < 0.15 else rng.choice(lectures),
-               solution=solution, split=split)
-    return rec, spec, key
-
-
-def make_quiz(out_dir, seed=0, n_train=3000, n_val=300, n_test=600, image_size=64):
-    """Write the quiz in ScienceQA's layout: problems.json, pid_splits.json, captions.json, images/{split}/{pid}/.
-
-    Deterministic: the same arguments give byte-identical files. Each split draws from its own RNG stream, and
-    val/test image and text problems that coincide with a train problem are redrawn, so held-out questions are new
-    combinations (facts, by design, recur).
-    """
-    out = Path(out_dir)
-    problems, splits, captions = {}, {}, {}
-    train_keys = set()
-    pid = 0
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        rng = random.Random(f"quiz-{seed}-{split}")  # str seeds hash deterministically (not via PYTHONHASHSEED)
-        splits[split] = []
-        for _ in range(n):
-            rec, spec, key = _quiz_record(rng, split)
-            while split != "train" and key in train_keys:
-                rec, spec, key = _quiz_record(rng, split)
-            if split == "train" and key is not None:
-                train_keys.add(key)
-            pid += 1
-            problems[str(pid)] = rec
-            splits[split].append(str(pid))
-            if spec:
-                captions[str(pid)] = _caption(spec)
-                folder = out / "images" / split / str(pid)
-                folder.mkdir(parents=True, exist_ok=True)
-                _draw(spec, image_size).save(folder / "image.png", format="PNG")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "problems.json").write_text(json.dumps(problems, indent=1))
-    (out / "pid_splits.json").write_text(json.dumps(splits))
-    meta = {"model": f"quiz generator v{QUIZ_VERSION}", "captions": captions}  # ScienceQA's captions.json layout
-    (out / "captions.json").write_text(json.dumps(meta, indent=1))
-    return out
-
-
-def quiz_corpus(quiz_dir, n: int, seed: int = 1) -> list[dict]:
-    """
-    Text for the quick start's LLaMA stand-in (train.py): n fresh quiz problems drawn with another seed, image problems
-    carrying their caption as context (what ScienceQA's caption option does, spec §6.1: context = hint + caption), so a
-    language model can learn the quiz's language and reasoning without images. Every problem that coincides with a
-    val/test *text* problem of the quiz in `quiz_dir` is left out, so those held-out questions stay unseen. (A caption
-    may match a held-out image problem's drawing: the model is tested on reading the picture, which it never sees.)
-    """
-    quiz_dir = Path(quiz_dir)
-    problems = json.loads((quiz_dir / "problems.json").read_text())
-
-    held_out = {(r["hint"], r["question"]) for r in problems.values()
-                if r["split"] != "train" and r["hint"] and not r["image"]}  # _quiz_record's key of a text problem
-    rng = random.Random(f"corpus-{seed}")
-    corpus = []
-    while len(corpus) < n:
-        rec, spec, _ = _quiz_record(rng, "train")
-        caption = _caption(spec) if spec else None
-        if not spec and (rec["hint"], rec["question"]) in held_out:
-            continue
-        if caption:
-            rec = dict(rec, hint=f"{rec['hint']} {caption}".strip(), image=None)
-        corpus.append(rec)
-    return corpus
-
-
-def train_quiz_tokenizer(out_dir, vocab_size=QUIZ_VOCAB):
-    """Train a small BPE SentencePiece model on the quiz's training texts -> out_dir/tokenizer.model.
-
-    Settings mirror what matters of LLaMA's tokenizer: unk/bos/eos = 0/1/2, no pad piece, a dummy-prefix space,
-    no whitespace collapsing. Differences: identity normalisation and a "\n" piece (LLaMA encodes newlines with byte
-    fallback, which stays off here so every id is a real piece). Frequent words ("The", "answer", "is", "A"..."E")
-    become single pieces; hard_vocab_limit=False lets a small quiz end up with fewer pieces than asked.
-    """
-    out = Path(out_dir)
-    problems = json.loads((out / "problems.json").read_text())
-    texts = [IMAGE_PREFIX, TEXT_PREFIX, build_instruction("Describe the picture.", None) + "The picture shows shapes."]
-    texts += ["".join(build_prompt(rec)) for rec in problems.values()]
-    model = io.BytesIO()  # write the model to memory: no stray tokenizer.vocab file next to it
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2,
-    )
-    (out / "tokenizer.model").write_bytes(model.getvalue())
-    return out / "tokenizer.model"
-
-
-def ensure_quiz(out_dir="quiz", **kw) -> Path:
-    """Generate the quiz and its tokenizer on first use; reuse a complete folder made with the same settings."""
-    out = Path(out_dir)
-    defaults = {k: p.default for k, p in inspect.signature(make_quiz).parameters.items() if k != "out_dir"}
-    unknown = set(kw) - set(defaults)
-    if unknown:
-        raise TypeError(f"ensure_quiz got unknown settings {sorted(unknown)}; valid: {sorted(defaults)}")
-    config = dict(defaults, **kw, version=QUIZ_VERSION, vocab_size=QUIZ_VOCAB)
-    stamp = out / "quiz_config.json"
-    files = ("problems.json", "pid_splits.json", "captions.json", "tokenizer.model")
-    if stamp.is_file() and json.loads(stamp.read_text()) == config and all((out / f).is_file() for f in files):
-        return out
-    print(f"generating the quiz in {out}/ ...")
-    stamp.unlink(missing_ok=True)  # an interrupted regeneration must not pass for the old, stamped quiz
-    make_quiz(out, **{k: config[k] for k in defaults})
-    train_quiz_tokenizer(out)
-    stamp.write_text(json.dumps(config))  # written last: an interrupted run is regenerated next time
-    return out
-
-
-if __name__ == "__main__":
-    folder = ensure_quiz()
-    tok = Tokenizer(folder / "tokenizer.model")
-    records = load_scienceqa(folder, "train")
-    prompt, answer = build_prompt(records[0])
-    print(f"{len(records)} train problems, tokenizer with {tok.n_words} pieces. Example:\n{prompt}{answer}\n")
-    lengths = np.array(prompt_lengths(records, tok))
-    print(f"sequence length (modality token .. EOS): mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
-          f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}")

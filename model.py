@@ -7,21 +7,28 @@ n_kv_heads), a SwiGLU feed-forward, no biases, untied head. A static KV cache se
 path (gpt-fast), and `load_llama` reads Meta's `params.json` + `consolidated.*.pth`, merging model-parallel shards.
 
 Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023, §3; luogen1996/LaVIN lavin/model.py, lavin/eval_model.py,
-lavin/generator.py; spec lavin-spec.md §1-2, §9, §12): the sequence is
+lavin/generator.py): the sequence (laid out by data.sequence_head) is
 
     [modality] [BOS] "Image: " [6 visual tokens] prompt answer [EOS]      (an image sample)
     [modality] [BOS] "Image: N/A"                prompt answer [EOS]      (a text-only sample)
 
 where the modality token (nn.Embedding(2, C), position 0) is seen by no other position and drives every layer's
 router, and the 6 visual tokens are CLIP's class token after every 4th block, through a small neck. Only the adapters
-(adapters.py) train. Deliberate departures from the official code, each commented where it happens: per-image CLIP
-routing (§12a, in clip_vit.py), correct RoPE positions at decode (§12b), text-only samples skip CLIP (§11 quirk 10),
-router softmax and loss in fp32 (quirk 15), early stop at EOS (quirk 12), re-parameterised adapters (§12e).
+(adapters.py) train. Deliberate departures from the official code are commented where they happen and numbered in the
+README's "Differences from the official code": per-image CLIP routing (1, in clip_vit.py), text-only samples skip
+CLIP (2), correct RoPE positions at decode (3), early stop at EOS (5), re-parameterised adapters (6), fp32 loss (7).
 
-Used by: `python train.py`, `python sample.py`, `python bench.py`; tests: `python -m pytest test_all.py`.
+Part 3: building, loading and checkpoints, the one place every script gets a model from.
+
+Used by: `python train.py`, `python sample.py`, `python evaluate.py`, `python bench.py`; tests: `python -m pytest
+test_all.py -k model`.
 """
 
+import argparse
 import json
+import math
+import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -30,9 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters
-from clip_vit import VISION_PRESETS, VisionArgs, VisionTransformer, load_clip
-from data import IGNORE, N_VISUAL
+from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable
+from clip_vit import VISION_PRESETS, VisionTransformer, load_clip
 
 
 # =====================================================================================================================
@@ -116,7 +122,7 @@ class LayerCache(nn.Module):
     """
     Decoding state of one block: keys and values per cache slot (gpt-fast's static KV cache), and the router input
     of the block's MM-Adapter, which is read once at prefill from the modality token and reused for every decoded
-    token (routing is a per-modality constant, spec §1.5 and §9.2).
+    token (routing is a per-modality constant, paper §3.2).
     """
 
     def __init__(self, batch: int, slots: int, n_kv_heads: int, head_dim: int, dim: int, dtype, device):
@@ -187,10 +193,10 @@ class TransformerBlock(nn.Module):
         # x: (B, T, C). `first` (B,) is the slot of each row's first token (its modality token in LaVIN).
         h = self.attention_norm(x)  # (B, T, C)
         if self.adapter_attn is not None:
-            # h = Adapter(RMSNorm(x)): q, k and v all read the adapted input; the residual adds to the raw x (spec §1.4).
+            # h = Adapter(RMSNorm(x)): q, k and v all read the adapted input; the residual adds to the raw x (paper Fig. 2).
             if start_pos == 0:
                 # Router input: the normalised state at the first slot. In LaVIN that is the modality token, which
-                # attends only to itself, so this is a fixed function of the modality in every layer (spec §1.5).
+                # attends only to itself, so this is a fixed function of the modality in every layer.
                 rows = torch.arange(x.shape[0], device=x.device)
                 r = h[rows, first] if first is not None else h[:, 0]  # (B, C)
                 if self.cache is not None:
@@ -239,7 +245,7 @@ class Transformer(nn.Module):
         Run the blocks on input embeddings h (B, T, C) that occupy cache slots [start_pos, start_pos + T); returns the
         final-normed hidden states (B, T, C). `pad` (B,) counts each row's left padding: RoPE positions are slot - pad,
         so every row starts at position 0 however long its prompt. `mask_first` hides each row's first real slot from
-        all later ones (LaVIN's modality token, spec §1.8).
+        all later ones (LaVIN's modality token, lavin/model.py's mask).
         """
         B, T, _ = h.shape
         dev = h.device
@@ -259,7 +265,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if self.grad_ckpt and self.training:
                 # Non-reentrant: the reentrant variant skips the backward when its inputs do not require grad, which
-                # with frozen embeddings would silently drop every adapter gradient (style guide §3.2, gotcha 5).
+                # with frozen embeddings would silently drop every adapter gradient.
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, start_pos, pad, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, start_pos, pad)
@@ -271,7 +277,7 @@ class Transformer(nn.Module):
 
 
 # Meta's model-parallel checkpoints split each tensor across shards: column-parallel weights on dim 0, row-parallel ones
-# and the embedding on dim 1, norms replicated (spec §10.1).
+# and the embedding on dim 1, norms replicated (fairscale layers of meta-llama/llama model.py).
 _SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
@@ -339,8 +345,11 @@ def check_shapes(expected: dict, got: dict, where: str):
 # =====================================================================================================================
 # Part 2: LaVIN
 
+IGNORE = -100  # the label of positions without a loss, PyTorch's default ignore_index (README, difference 8)
+
+
 class Neck(nn.Module):
-    """The visual neck `adapter_proj` (spec §1.7): 1024 -> 128 -> C with SiLU (plain SiLU, although the paper's text
+    """The visual neck `adapter_proj` (lavin/model.py): 1024 -> 128 -> C with SiLU (plain SiLU, although the paper's text
     calls it SwiGLU). Xavier-uniform weights, zero biases."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
@@ -355,27 +364,27 @@ class Neck(nn.Module):
         return self.fc2(F.silu(self.fc1(v)))
 
 
-def visual_slots(tokens: torch.Tensor, has_image: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-    """The 6 placeholder slots of image rows: the first N_VISUAL `0` ids after each row's BOS (at slot `pad`, 0 without
-    left padding); the "Image: " prefix never encodes to id 0, <unk>. tokens (B, T), has_image (B,) -> bool (B, T).
-    Used by generation, where no collate'd vis_mask is at hand."""
+def visual_slots(tokens: torch.Tensor, has_image: torch.Tensor, n_visual: int,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Where data.sequence_head put the placeholders of image rows: the first n_visual `0` ids after each row's BOS
+    (at slot `pad`, 0 without left padding); the "Image: " prefix never encodes to id 0, <unk>. tokens (B, T),
+    has_image (B,) -> bool (B, T). Used by generation, where no collate'd vis_mask is at hand."""
     B, T = tokens.shape
     pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
     idx = torch.arange(T, device=tokens.device)[None, :]  # (1, T)
     zeros = (tokens == 0) & (idx > pad[:, None])  # (B, T): placeholders, and nothing else in a well-formed prompt
     rank = zeros.long().cumsum(1)  # 1, 2, ... along each row's zeros
-    return zeros & (rank <= N_VISUAL) & has_image.bool()[:, None]
+    return zeros & (rank <= n_visual) & has_image.bool()[:, None]
 
 
 class LaVIN(nn.Module):
-    def __init__(self, llama: Transformer, visual: VisionTransformer, adapter_args: AdapterArgs,
-                 neck_hidden: int = 128):
+    def __init__(self, llama: Transformer, visual: VisionTransformer, adapter_args: AdapterArgs):
         super().__init__()
         self.llama, self.visual, self.adapter_args = llama, visual, adapter_args
         C = llama.args.dim
         with torch.device(llama.tok_embeddings.weight.device):
-            self.adapter_proj = Neck(visual.args.width, neck_hidden, C)
-            # Two entries, 0 text-only and 1 image (spec §1.8); PyTorch's default N(0, 1) init, as the official code.
+            self.adapter_proj = Neck(visual.args.width, 128, C)  # hidden 128, as the official adapter_proj
+            # Two entries, 0 text-only and 1 image (paper §3.2); PyTorch's default N(0, 1) init, as the official code.
             self.adapter_modality_embedding = nn.Embedding(2, C)
         inject_adapters(self, adapter_args)
         self.merged_modality: int | None = None
@@ -384,30 +393,25 @@ class LaVIN(nn.Module):
     # ---- configuration, for checkpoints: sample.py rebuilds the model from these without flags
     def config(self) -> dict:
         return {"llama": asdict(self.llama.args), "vision": asdict(self.visual.args),
-                "adapter": asdict(self.adapter_args), "neck_hidden": self.adapter_proj.fc1.out_features}
-
-    @classmethod
-    def from_config(cls, cfg: dict, device="meta") -> "LaVIN":
-        with torch.device(device):
-            llama = Transformer(ModelArgs(**cfg["llama"]))
-            visual = VisionTransformer(VisionArgs(**cfg["vision"]))
-            return cls(llama, visual, AdapterArgs(**cfg["adapter"]), cfg["neck_hidden"])
+                "adapter": asdict(self.adapter_args)}
 
     # ---- the input sequence
     def embed(self, tokens, has_image, vis_mask=None, images=None, pad=None) -> torch.Tensor:
         """
-        tokens (B, T) in data.py's layout, has_image (B,), vis_mask (B, T) marking the placeholder slots of image rows,
-        images (N_img, 3, H, W) for the image rows in batch order -> (B, 1 + T, C) with the modality token at slot 0.
+        tokens (B, T) in data.sequence_head's layout, has_image (B,), vis_mask (B, T) marking the placeholder slots of
+        image rows, images (N_img, 3, H, W) for the image rows in batch order -> (B, 1 + T, C), the modality token at
+        slot 0.
         """
         h = self.llama.tok_embeddings(tokens)  # (B, T, C)
         if images is not None:
-            vis_mask = visual_slots(tokens, has_image, pad) if vis_mask is None else vis_mask
+            if vis_mask is None:
+                vis_mask = visual_slots(tokens, has_image, self.visual.args.n_tokens, pad)
             # Text-only rows never reach CLIP (the official code runs a zero image through it and throws the result
-            # away, quirk 10); with per-image routing (§12a) no image can influence another, so skipping is exact.
+            # away); with per-image routing no image can influence another, so skipping is exact (README, 1 and 2).
             need_grad = any(p.requires_grad for p in self.visual.parameters())
             with torch.set_grad_enabled(need_grad and torch.is_grad_enabled()):
-                feats = self.visual(images)  # (N_img, 6, W): CLS after every 4th CLIP block
-            v = self.adapter_proj(feats.to(self.adapter_proj.fc1.weight.dtype))  # (N_img, 6, C)
+                feats = self.visual(images)  # (N_img, V, W): V = 6 class tokens, after every 4th CLIP block
+            v = self.adapter_proj(feats.to(self.adapter_proj.fc1.weight.dtype))  # (N_img, V, C)
             h = h.masked_scatter(vis_mask[..., None], v.to(h.dtype))  # fills slots row by row, in order
         m = self.adapter_modality_embedding(has_image.long())[:, None, :]  # (B, 1, C)
         return torch.cat([m.to(h.dtype), h], dim=1)  # (B, 1 + T, C)
@@ -422,7 +426,7 @@ class LaVIN(nn.Module):
         if labels is None:
             return self.llama.output(h).float()
         logits = self.llama.output(h[:, :-1])  # (B, T, vocab): the last slot predicts nothing we have
-        # The loss in fp32 (the official code takes it on fp16 logits, quirk 15).
+        # The loss in fp32 (the official code takes it on fp16 logits; README, difference 7).
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                reduction=reduction)
         if images is None and self.training:
@@ -433,7 +437,8 @@ class LaVIN(nn.Module):
         """
         A micro-batch without images leaves the CLIP adapters and the neck without gradients. DDP and FSDP2 need every
         rank to produce gradients for the same parameters each step (a rank-dependent set hangs the reduce), so we run
-        the visual path on one zero image and add 0 x its output: exact zeros, same parameters on every rank.
+        the visual path on one zero image and add 0 x its output: exact zeros, same parameters on every rank
+        (README, difference 2).
         """
         if not any(p.requires_grad for p in list(self.visual.parameters()) + list(self.adapter_proj.parameters())):
             return torch.zeros((), device=self.adapter_proj.fc1.weight.device)
@@ -441,7 +446,7 @@ class LaVIN(nn.Module):
         zero = torch.zeros(1, 3, s, s, device=self.adapter_proj.fc1.weight.device)
         return 0.0 * self.adapter_proj(self.visual(zero)).float().sum()
 
-    # ---- re-parameterisation (spec §12e)
+    # ---- re-parameterisation (README, difference 6)
     @torch.no_grad()
     def routing_weights(self, modality: int) -> list[torch.Tensor]:
         """Each LLaMA layer's router output for a modality: the modality token attends only to itself, so running it
@@ -459,7 +464,7 @@ class LaVIN(nn.Module):
     def merge(self, modality: int):
         """
         Fold the LLaMA-side adapters (MMA) or the LoRA updates into the frozen weights for one modality, so inference
-        pays nothing for them. MMA: q/k/v gain a bias and a rank-8 update per layer (spec §12e); the CLIP adapters
+        pays nothing for them. MMA: q/k/v gain a bias and a rank-8 update per layer (adapters.fold_mma_into_qkv); the CLIP adapters
         route per image and stay as they are. `unmerge` restores the original modules exactly; the originals wait on
         the CPU meanwhile. MixLoRA's updates depend on the input, so there is nothing static to fold.
         """
@@ -479,8 +484,8 @@ class LaVIN(nn.Module):
         elif method == "lora":
             for mod in self.llama.modules():
                 if isinstance(mod, LoRALinear):
-                    saved.append((mod, None, mod.weight.detach().cpu().clone()))
-                    mod.merge()
+                    saved.append((mod, None, None))
+                    mod.merge()  # it keeps W0 itself, for its own unmerge
         self._unmerged, self.merged_modality = saved, modality
 
     @torch.no_grad()
@@ -489,8 +494,7 @@ class LaVIN(nn.Module):
             return
         for owner, adapter, originals in self._unmerged:
             if isinstance(owner, LoRALinear):
-                owner.weight.copy_(originals.to(owner.weight.device))
-                owner.merged = False
+                owner.unmerge()
             else:
                 dev = owner.attention.wo.weight.device
                 for name, lin in originals.items():
@@ -498,19 +502,40 @@ class LaVIN(nn.Module):
                 owner.adapter_attn = adapter
         self._unmerged, self.merged_modality = None, None
 
-    # ---- generation (spec §9; used by sample.py, train.py's evaluation and bench.py)
+    def for_modality(self, modality: int, merge: bool = True):
+        """
+        Ready the model for rows of one modality (0 text-only, 1 image). Merged: the LLaMA-side adapters fold into
+        q/k/v with that modality's routing; merge() is a no-op when already merged for it and re-merges when the
+        modality changes. MixLoRA picks its factors per input, so it has nothing static to fold and runs unmerged.
+        Call it outside autocast: the fold is computed in fp32 and stored in the frozen dtype.
+        """
+        if merge and self.adapter_args.method in ("mma", "lora"):
+            self.merge(modality)
+        else:
+            self.unmerge()
+
+    def autocast(self):
+        """
+        The context inference runs in. Frozen weights in bf16/fp16 next to fp32 adapters (how train.py and load_lavin
+        keep them on GPU) only mix under autocast, which casts every matmul to the frozen dtype, as in training. An
+        all-fp32 model needs nothing. Under FSDP2 the gathered copies carry the policy's dtype, which this also reads.
+        """
+        w = self.llama.tok_embeddings.weight  # a frozen weight: its dtype is the one the backbones were loaded in
+        return nullcontext() if w.dtype == torch.float32 else torch.autocast(w.device.type, dtype=w.dtype)
+
+    # ---- generation (paper §4.1; used by sample.py, evaluate.py and bench.py)
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], has_image, images=None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, eos_id: int = 2, generator=None, on_token=None):
         """
-        Batched generation with a KV cache. prompts: token lists in data.encode_prompt's layout (placeholders included);
+        Batched generation with a KV cache. prompts: token lists laid out by data.encode_prompt (placeholders included);
         has_image (B,) bool; images (N_img, 3, H, W) for the image rows. Returns the new tokens of each row, cut at EOS.
 
         Rows of different lengths are left-padded and each row's RoPE positions start at 0 on its modality token, so a
         batch gives the same tokens as each prompt alone (the official code instead forces prompt tokens into the
-        sampled stream and decodes with positions one short, quirk 2 / §12b). The modality token stays in cache slot
-        `pad`, hidden from later queries by the mask, so cache slot - pad = the training position. The loop stops when
-        every row has produced EOS (the official loop always runs to the end, quirk 12).
+        sampled stream and decodes with positions one short; README, differences 3 and 4). The modality token stays in
+        cache slot `pad`, hidden from later queries by the mask, so cache slot - pad = the training position. The loop
+        stops when every row has produced EOS (the official loop always runs to the end; README, difference 5).
         """
         llama = self.llama
         dev = llama.tok_embeddings.weight.device
@@ -568,28 +593,27 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 # =====================================================================================================================
-# Building and counting
+# Part 3: building, loading, checkpoints (the one place train.py, sample.py, evaluate.py and bench.py get a model)
 
 def build_lavin(llama_preset="tiny", vision_preset="tiny", adapter_args: AdapterArgs | None = None, vocab_size=None,
-                max_seq_len: int = 512, device="cpu", neck_hidden: int = 128) -> LaVIN:
+                max_seq_len: int = 512, device="cpu") -> LaVIN:
     """A LaVIN from presets with random weights (meta device: shapes only, no memory)."""
     largs = replace(LLAMA_PRESETS[llama_preset], max_seq_len=max_seq_len)
     if vocab_size is not None:
         largs.vocab_size = vocab_size
     with torch.device(device):
-        return LaVIN(Transformer(largs), VisionTransformer(VISION_PRESETS[vision_preset]),
-                     adapter_args or AdapterArgs(), neck_hidden)
+        return LaVIN(Transformer(largs), VisionTransformer(VISION_PRESETS[vision_preset]), adapter_args or AdapterArgs())
 
 
 def load_lavin(llama_dir, clip_path, adapter_args: AdapterArgs, device="cpu", dtype=None, max_seq_len: int = 512,
-               neck_hidden: int = 128) -> LaVIN:
-    """LaVIN on pretrained backbones: Meta-layout LLaMA + OpenAI CLIP file, frozen in `dtype` (None keeps fp32), with
-    fresh adapters in fp32 (their master weights; autocast computes in bf16 on GPU)."""
+               clip_every: int = 4) -> LaVIN:
+    """LaVIN on pretrained backbones (a LLaMA folder, a CLIP file), frozen in `dtype` (None keeps fp32), with fresh
+    adapters in fp32 (their master weights; autocast computes in bf16 on GPU)."""
     llama = load_llama(llama_dir, device, dtype, max_seq_len)
-    visual = load_clip(clip_path, device).requires_grad_(False)
+    visual = load_clip(clip_path, device, clip_every).requires_grad_(False)
     if dtype is not None:
         visual = visual.to(dtype)
-    return LaVIN(llama, visual, adapter_args, neck_hidden)
+    return LaVIN(llama, visual, adapter_args)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -598,32 +622,80 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-# The rows of the method comparison: (label, AdapterArgs overrides). LoRA at two ranks of the LLaVA scaling study.
-METHOD_ROWS = [("MMA (LaVIN)", dict(method="mma")), ("LoRA r=8", dict(method="lora", lora_rank=8)),
-               ("LoRA r=64", dict(method="lora", lora_rank=64)),
-               ("MixLoRA E=16 r=4", dict(method="mixlora", mix_pool=16, mix_rank=4)), ("Full", dict(method="full"))]
-PAPER_TRAINABLE = {"7B": 3_781_296, "13B": 5_390_080}  # spec §4 (paper: 3.8M and 5.4M)
+def warmup_cosine(t: float, warmup: float, total: float, peak: float, floor: float = 0.0) -> float:
+    """The learning rate at time t (steps or fractional epochs): linear warmup to `peak`, then a half-cycle cosine to
+    `floor` at `total` (util/lr_sched.py adjust_learning_rate, which train.py calls every step with t = epochs done;
+    quiz.py's stand-in pre-training uses it with t = steps)."""
+    if t < warmup:
+        return peak * t / warmup
+    progress = min(1.0, (t - warmup) / max(1e-8, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_table(sizes=("7B", "13B")) -> list[dict]:
-    """Trainable parameters and fp32 checkpoint size by method for LaVIN at the real shapes, built on the meta device
-    (no weights, no memory). tau follows the official scripts: 10 for 7B, 5 for 13B."""
-    rows = []
-    for size in sizes:
-        for label, over in METHOD_ROWS:
-            model = build_lavin(size, "ViT-L/14", AdapterArgs(tau=10.0 if size == "7B" else 5.0, **over),
-                                device="meta")
-            trainable, total = count_params(model)
-            rows.append({"model": f"LaVIN-{size}", "method": label, "trainable": trainable, "total": total,
-                         "share_%": 100 * trainable / total, "ckpt_MB": trainable * 4 / 1e6,
-                         "paper": PAPER_TRAINABLE[size] if over["method"] == "mma" else None})
-    return rows
+def save_checkpoint(path, obj: dict):
+    """Write to a temporary file, flush it to disk, then rename over the old one: the rename is atomic, so a run killed
+    mid-save leaves the previous checkpoint intact, never a half-written file in its place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def format_param_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<10} {'method':<18} {'trainable':>15} {'share':>8} {'ckpt (fp32)':>12} {'paper':>12}"]
-    for r in rows:
-        paper = f"{r['paper']:,}" if r["paper"] else "-"
-        lines.append(f"{r['model']:<10} {r['method']:<18} {r['trainable']:>15,} {r['share_%']:>7.3f}% "
-                     f"{r['ckpt_MB']:>9.1f} MB {paper:>12}")
-    return "\n".join(lines)
+def load_checkpoint(path) -> dict:
+    """
+    train.py's checkpoint ({"model", "optimizer", "step", "rng", "config", "args"}), or an official LaVIN adapter file
+    (`checkpoint-{epoch}.pth`: {"model": adapter tensors, "args": argparse.Namespace, ...}). The official file pickles
+    an argparse.Namespace next to the weights, which torch.load's safe mode refuses; instead of unpickling arbitrary
+    code (weights_only=False) we allow-list exactly that one class.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found (train.py writes {{out_dir}}/ckpt.pt; "
+                                f"run `python train.py` first for the quick start's)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes, a pickle we do not trust...
+        raise ValueError(f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}); "
+                         f"use an earlier checkpoint or start again") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} is neither a train.py checkpoint nor an official LaVIN adapter file (no 'model' "
+                         f"dict of tensors)")
+    return ckpt
+
+
+def load_trained(ckpt: dict, device, dtype=None, llama_dir=None, clip_path=None, tau=None,
+                 clip_every=None) -> tuple[LaVIN, dict]:
+    """
+    Rebuild a trained LaVIN from a checkpoint (load_checkpoint's dict) -> (model in eval mode, what it was trained
+    with: {"llama_dir", "clip_path", "tokenizer" (None: the caller finds LLaMA's), "norm", "prompt_format",
+    "data_dir", "chat"}). Paths given here win over the recorded ones (weights moved to another machine).
+    Ours records how to rebuild the model; an official file holds only the adapters, so the base weights must be
+    given and the rest is the official pipeline's: MMA at the width's temperature (or `tau`), visual tokens after
+    every 4th CLIP block (or `clip_every`), ImageNet normalisation, QCM-ALE.
+    """
+    if "config" in ckpt:
+        a, cfg = ckpt["args"], ckpt["config"]
+        info = dict(llama_dir=llama_dir or a["llama_dir"], clip_path=clip_path or a["clip_path"],
+                    tokenizer=a.get("tokenizer"), norm=a["norm"], prompt_format=a["prompt_format"],
+                    data_dir=a.get("data_dir"), chat="instruction" if a.get("instruction_json") else "scienceqa")
+        adapter_args, vision = AdapterArgs(**cfg["adapter"]), cfg["vision"]
+        max_seq_len, clip_every, sd = cfg["llama"]["max_seq_len"], vision["feature_every"], ckpt["model"]
+    else:
+        sd = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}  # saved from inside DDP
+        if "layers.0.adapter_attn.conv_B.weight" not in sd:
+            raise ValueError("the file is neither a train.py checkpoint (no 'config') nor an official LaVIN adapter "
+                             "file (no layers.0.adapter_attn.conv_B.weight)")
+        if llama_dir is None or clip_path is None:
+            raise ValueError("an official LaVIN adapter file records no base weights: pass --llama_dir (e.g. "
+                             "/data/LLaMA/7B) and --clip_path (ViT-L-14.pt)")
+        info = dict(llama_dir=llama_dir, clip_path=clip_path, tokenizer=None, norm="imagenet", prompt_format="QCM-ALE",
+                    data_dir=None, chat="scienceqa")
+        adapter_args, max_seq_len, clip_every = AdapterArgs(method="mma", tau=tau), 512, clip_every or 4
+    model = load_lavin(info["llama_dir"], info["clip_path"], adapter_args, device, dtype, max_seq_len, clip_every)
+    load_trainable(model, sd)  # converts the official conv_A/B/D, expert_weights names (adapters.py)
+    return model.eval(), info

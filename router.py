@@ -4,20 +4,20 @@ Routers: the soft modality router of LaVIN's MM-Adapter, and the factor-selectio
 A router looks at a summary of its input and decides how to mix a few parameter-efficient paths.
 
 1. `Router`, LaVIN's soft modality router (paper §3.2, eq. for w; luogen1996/LaVIN lavin/mm_adapter.py,
-   `RepAdapter_Router.expert_weights`; spec lavin-spec.md §1.5):
+   `RepAdapter_Router.expert_weights`):
 
        w = softmax( (W_r r + b_r) / tau ) ∈ R^2
 
    r is one vector per sample: on the LLaMA side the normalised hidden state of the modality token (position 0),
-   on the CLIP side each image's own class token (our fix, spec §12a). tau = 10 for 7B and 5 for 13B. The routing
+   on the CLIP side each image's own class token (README, difference 1). tau = 10 for 7B and 5 for 13B. The routing
    is *soft*: both up-projection paths always contribute, so every router weight gets a gradient.
 
 2. `FactorRouter`, MixLoRA's instance-conditioned choice of r rank-1 factors out of a pool of E (Shen et al. 2024,
    "Multimodal Instruction Tuning with Conditional Mixture of LoRA"; VT-NLP/MixLoRA llava/peft_cmoa/mixture/selector.py;
-   spec peers-spec.md §3). Independent Factor Selection (IFS) picks the a-factors from the pooled input;
+   Shen et al. §3.2). Independent Factor Selection (IFS) picks the a-factors from the pooled input;
    Conditional Factor Selection (CFS) picks the b-factors from the pooled input *and* the chosen a-factors.
    Hard top-r has no gradient, so to let the routers learn we scale the chosen factors by their renormalised
-   scores (peers-spec §3.6, the project's decision); `mode="hard"` keeps the released code's dynamics.
+   scores (README, difference 21); `mode="hard"` keeps the released code's dynamics.
 
 Used by adapters.py (MMAdapter, MixLoRALinear); tested in test_all.py (`-k router or mixlora`).
 """
@@ -27,6 +27,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def default_tau(dim: int) -> float:
+    """The router temperature for a LLaMA of width `dim`: 10 for LaVIN-7B (4096) and 5 for 13B (5120), as the official
+    finetuning_sqa_{7b,13b}.sh set it. Other widths take the nearer of the two rules (README, difference 19): 10 up
+    to 4096, 5 from 5120 on. train.py, sample.py, evaluate.py and bench.py all ask this function."""
+    return 5.0 if dim >= 5120 else 10.0
 
 
 class Router(nn.Module):
@@ -41,7 +48,7 @@ class Router(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         # r: (B, C). The softmax runs in fp32 even under bf16 autocast (the official code casts the probabilities to
-        # fp16, quirk 15; we keep them fp32 and let the caller cast at the point of use).
+        # fp16; README, difference 7; we keep them fp32 and let the caller cast at the point of use).
         logits = self.proj(r).float()  # (B, n_paths)
         return F.softmax(logits / self.tau, dim=-1)
 
@@ -91,7 +98,7 @@ class FactorRouter(nn.Module):
             else:
                 # The released code's einsum gives the d axis different letters in its two operands, so each side is
                 # summed separately: logit_i[e] = (Σ_d A_sel[i,d]) · (Σ_f W_AB[i,f,e]), a rank-1 separable product,
-                # followed by a *second* softmax before fusion (peers-spec §3.3). Reproduced here behind cfs="separable".
+                # followed by a *second* softmax before fusion. Reproduced here behind cfs="separable".
                 logits = a_sel.sum(-1, keepdim=True) * self.route_ab.float().sum(1)[None]  # (B, r, E)
                 p_cfs = F.softmax(F.softmax(logits, dim=-1).sum(1), dim=-1)  # (B, E)
             p_b = p_b + self.lam * p_cfs  # fused score (λ is the released `ifs_weight`, which in fact weighs CFS)
@@ -99,9 +106,9 @@ class FactorRouter(nn.Module):
 
         if self.mode == "hard":
             # Released behaviour: factors are gathered by index only, the scores never touch the update, so the routers
-            # receive no gradient (peers-spec §3.4). adapters.py freezes them in this mode.
+            # receive no gradient. adapters.py freezes them in this mode.
             return idx_a, idx_b, None
-        # Score-weighted (project decision, peers-spec §3.6): renormalise over the chosen set and multiply by r, so that
+        # Score-weighted (README, difference 21): renormalise over the chosen set and multiply by r, so that
         # uniform scores reproduce the unweighted update exactly (without the factor r the update would shrink ~r² and
         # α/r would change meaning). This is a deliberate departure from the released code; it lets gradients reach
         # W_A, W_B, W_AB and, through p_CFS, the chosen a-factors. The top-r choice itself stays non-differentiable.

@@ -7,6 +7,7 @@ checkpoints in ../shared skip cleanly where that folder is absent.
     python -m pytest -q test_all.py -k "clip"       # one part
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -29,14 +30,19 @@ from PIL import Image
 
 import bench
 import data
+import evaluate
+import quiz as quizgen
 import sample
 import train
 from adapters import AdapterArgs, MMAdapter, convert_official_lavin, load_trainable, trainable_state_dict
 from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VISION_PRESETS, VisionArgs, VisionTransformer,
                       convert_openai_state_dict, load_clip, load_image, preprocess, to_openai_state_dict)
-from model import (LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params, load_llama,
-                   param_table, rope_tables)
-from train import save_checkpoint, wrap_model
+from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params,
+                   load_checkpoint, load_llama, rope_tables, save_checkpoint)
+from bench import param_table
+from train import wrap_model
+
+NV = VISION_PRESETS["ViT-L/14"].n_tokens  # 6 visual tokens, as ViT-L/14 and the tiny preset give
 
 
 # =====================================================================================================================
@@ -221,7 +227,7 @@ def make_batch(B=3, T=14, vocab=64):
     vis_mask = torch.zeros(B, T, dtype=torch.bool)
     vis_mask[1:, 4:10] = True
     tokens[vis_mask] = 0
-    labels = torch.full((B, T), data.IGNORE)
+    labels = torch.full((B, T), IGNORE)
     labels[:, 10:] = tokens[:, 10:]
     images = torch.randn(int(has_image.sum()), 3, 64, 64)
     return tokens, has_image, vis_mask, images, labels
@@ -509,14 +515,14 @@ def test_parity_with_openai_reference(tmp_path):
         ref(images)
         for h in hooks:
             h.remove()
-        want_feats = torch.stack(cls[1::2], dim=1)  # blocks 2, 4, ..., 12 (1-indexed): (3, 6, 128)
+        want_feats = torch.stack(cls[3::4], dim=1)  # blocks 4, 8, 12 (1-indexed), the official rule: (3, 3, 128)
     for name in ("sd.pt", "ts.pt"):
         model = load_clip(tmp_path / name)
         assert model.args == VisionArgs(image_size=32, patch_size=8, width=128, layers=12, heads=2, output_dim=48)
         with torch.no_grad():
             torch.testing.assert_close(model.encode_image(images), want, atol=1e-5, rtol=1e-5)
             feats = model(images)
-        assert feats.shape == (3, 6, 128)
+        assert feats.shape == (3, 3, 128)
         torch.testing.assert_close(feats, want_feats, atol=1e-5, rtol=1e-5)
 
 
@@ -528,6 +534,27 @@ def test_vit_l14_keys_and_shapes_match_openai():
     theirs = {k: v.shape for k, v in convert_openai_state_dict(ref.state_dict()).items()}
     assert theirs == {k: v.shape for k, v in ours.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("layers,n_tokens", [(8, 2), (12, 3), (24, 6)])
+def test_visual_tokens_follow_the_official_every_4th_block_rule(tmp_path, layers, n_tokens):
+    """Any CLIP tower loads; its visual tokens are the class token after blocks 4, 8, ... of a plain loop."""
+    torch.manual_seed(layers)
+    args = VisionArgs(image_size=32, patch_size=16, width=64, layers=layers, heads=1, output_dim=16)
+    tower = VisionTransformer(args).eval()
+    torch.save(to_openai_state_dict(tower.state_dict()), tmp_path / "clip.pt")
+    loaded = load_clip(tmp_path / "clip.pt")
+    assert loaded.args.n_tokens == n_tokens
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        x, want = loaded.tokens(images), []
+        for i, block in enumerate(loaded.blocks):
+            x = block(x)
+            if i + 1 in (4, 8, 12, 16, 20, 24):
+                want.append(x[:, 0])
+        got = loaded(images)
+    assert got.shape == (2, n_tokens, 64)
+    torch.testing.assert_close(got, torch.stack(want, dim=1), rtol=0, atol=0)
 
 
 def test_tiny_preset_shapes():
@@ -734,7 +761,7 @@ def test_openai_key_round_trip(tmp_path):
     assert convert_openai_state_dict(openai).keys() == sd.keys()
     torch.save(openai, tmp_path / "clip.pt")
     loaded = load_clip(tmp_path / "clip.pt")
-    assert loaded.args == model.args
+    assert loaded.args == dataclasses.replace(model.args, feature_every=4)  # the stride is not in the weights
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
 
@@ -753,7 +780,7 @@ needs_llama = pytest.mark.skipif(not LLAMA_TOK.is_file(), reason="LLaMA tokenize
 @pytest.fixture(scope="module")
 def data_small_quiz(tmp_path_factory):
     """A small generated quiz (+ its tokenizer) shared by the tests of this module."""
-    out = data.ensure_quiz(tmp_path_factory.mktemp("quiz"), n_train=60, n_val=10, n_test=30, image_size=32)
+    out = quizgen.ensure_quiz(tmp_path_factory.mktemp("quiz"), n_train=60, n_val=10, n_test=30, image_size=32)
     return out, data.Tokenizer(out / "tokenizer.model")
 
 
@@ -881,10 +908,10 @@ def test_llama_prefixes_and_label_boundary():
     for pid, rec in problems.items():
         prompt, answer = data.build_prompt(rec)
         has_image = rec["image"] is not None
-        enc = data.encode_example(tok, prompt, answer, has_image, max_seq_len=10**6)
+        enc = data.encode_example(tok, prompt, answer, has_image, max_seq_len=10**6, n_visual=NV)
         tokens, labels = enc["tokens"], enc["labels"]
         head = 1 + (3 + 6 if has_image else 5)
-        lab = labels != data.IGNORE
+        lab = labels != IGNORE
         assert lab.sum() > 0 and lab[-1] and tokens[-1] == tok.eos_id, pid
         start = int(lab.nonzero()[0])
         assert lab[start:].all(), pid  # one contiguous labelled run: answer + EOS
@@ -902,7 +929,7 @@ def test_scienceqa_test_split_prompts_lengths_and_images(tmp_path):
     full = json.loads((SQA / "problems_sample150.json").read_text())
     assert len(test) == 4241
     for name, probs in (("test split (4,241, most without lecture/solution)", test), ("150 full records", full)):
-        L = np.array(data.prompt_lengths(probs, tok))
+        L = np.array(data.prompt_lengths(probs, tok, n_visual=NV))
         print(f"\n{name}: mean {L.mean():.1f} median {np.median(L):.0f} p90 {np.percentile(L, 90):.0f} "
               f"max {L.max()} >512: {(L > 512).sum()}")  # fmt: skip
         assert L.min() > 10
@@ -911,8 +938,8 @@ def test_scienceqa_test_split_prompts_lengths_and_images(tmp_path):
     (tmp_path / "problems.json").symlink_to(SQA / "problems_sample150.json")
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": pids}))
     (tmp_path / "images").symlink_to(SQA / "images")
-    ds = data.ScienceQADataset(tmp_path, "test", tok)
-    too_long = sum(n > 512 for n in data.prompt_lengths([full[p] for p in pids], tok))
+    ds = data.ScienceQADataset(tmp_path, "test", tok, n_visual=NV)
+    too_long = sum(n > 512 for n in data.prompt_lengths([full[p] for p in pids], tok, n_visual=NV))
     assert len(ds) == 50 and ds.n_truncated == too_long > 0 and max(ds.lengths) == 511
     n_img = 0
     for i in range(len(ds)):
@@ -930,11 +957,11 @@ def test_scienceqa_length_percentiles():
     tok = data.Tokenizer(LLAMA_TOK)
     test = json.loads((SQA / "problems_test_reconstructed.json").read_text())
     full = json.loads((SQA / "problems_sample150.json").read_text())
-    prompt_side = [1 + len(data.encode_prompt(tok, data.build_prompt(r)[0], bool(r["image"]))) for r in test.values()]
+    prompt_side = [1 + len(data.encode_prompt(tok, data.build_prompt(r)[0], bool(r["image"]), n_visual=NV)) for r in test.values()]
     answer_side = []
     for r in full.values():
         prompt, answer = data.build_prompt(r)
-        answer_side.append(int((data.encode_example(tok, prompt, answer, False, 10**6)["labels"] != data.IGNORE).sum()))
+        answer_side.append(int((data.encode_example(tok, prompt, answer, False, 10**6, n_visual=NV)["labels"] != IGNORE).sum()))
     pairs = np.add.outer(np.array(prompt_side), np.array(answer_side)).ravel()  # every prompt with every answer
     got = {q: int(round(np.percentile(pairs, q))) for q in data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES}
     print("\nSCIENCEQA_TRAIN_LENGTH_PERCENTILES =", got, f"(> 512: {(pairs > 512).mean():.2%})")
@@ -948,7 +975,7 @@ def test_scienceqa_length_percentiles():
 def test_quiz_round_trip(data_small_quiz):
     folder, tok = data_small_quiz
     records = {r["pid"]: r for r in data.load_scienceqa(folder, "train")}
-    ds = data.ScienceQADataset(folder, "train", tok, image_size=32, max_seq_len=256)
+    ds = data.ScienceQADataset(folder, "train", tok, image_size=32, max_seq_len=256, n_visual=NV)
     assert len(ds) == 60 and ds.n_truncated == 0 and ds.lengths == [len(s["tokens"]) for s in ds.samples]
     seen_img = seen_txt = 0
     for start in range(0, len(ds), 16):
@@ -965,13 +992,13 @@ def test_quiz_round_trip(data_small_quiz):
             prompt, answer = data.build_prompt(rec)
             n = len(items[b]["tokens"])
             tokens, labels, vis = batch["tokens"][b], batch["labels"][b], batch["vis_mask"][b]
-            assert (tokens[n:] == 0).all() and (labels[n:] == data.IGNORE).all() and not vis[n:].any()
+            assert (tokens[n:] == 0).all() and (labels[n:] == IGNORE).all() and not vis[n:].any()
             prefix = data.IMAGE_PREFIX if rec["image"] else data.TEXT_PREFIX
             assert tokens[0] == tok.bos_id and tokens[n - 1] == tok.eos_id
             # The body is encoded on its own, so SentencePiece's dummy-prefix space ("▁Question") sits between
             # prefix and prompt, as in the official layout; decode drops BOS/EOS and the 0 placeholders.
             assert tok.decode(tokens[:n]) == prefix + " " + prompt + answer
-            lab = labels != data.IGNORE
+            lab = labels != IGNORE
             start_ans = int(lab.nonzero()[0])
             assert lab[start_ans:n].all() and not lab[:start_ans].any()
             assert tok.decode(tokens[start_ans:n]) == answer and labels[n - 1] == tok.eos_id
@@ -979,7 +1006,7 @@ def test_quiz_round_trip(data_small_quiz):
             if rec["image"]:
                 seen_img += 1
                 assert vis.sum() == 6 and (tokens[vis] == 0).all()
-                assert vis.nonzero().squeeze(1).tolist() == list(range(*data.image_slots(tok).indices(T)))
+                assert vis.nonzero().squeeze(1).tolist() == list(range(*data.image_slots(tok, NV).indices(T)))
             else:
                 seen_txt += 1
                 assert not vis.any()
@@ -991,7 +1018,7 @@ def test_quiz_decodes_exactly(data_small_quiz):
     folder, tok = data_small_quiz
     for rec in data.load_scienceqa(folder, "test"):
         prompt, answer = data.build_prompt(rec)
-        enc = data.encode_example(tok, prompt, answer, bool(rec["image"]), 512)
+        enc = data.encode_example(tok, prompt, answer, bool(rec["image"]), 512, n_visual=NV)
         prefix = data.IMAGE_PREFIX if rec["image"] else data.TEXT_PREFIX
         assert tok.decode(enc["tokens"]) == prefix + " " + prompt + answer, rec["pid"]  # see test_quiz_round_trip
         n_prompt = len(tok.encode(prompt, bos=False, eos=False))
@@ -1001,25 +1028,25 @@ def test_quiz_decodes_exactly(data_small_quiz):
 
 def test_quiz_deterministic(tmp_path, data_small_quiz):
     kw = dict(seed=3, n_train=40, n_val=5, n_test=10, image_size=32)
-    a, b = data.make_quiz(tmp_path / "a", **kw), data.make_quiz(tmp_path / "b", **kw)
-    data.train_quiz_tokenizer(a), data.train_quiz_tokenizer(b)
+    a, b = quizgen.make_quiz(tmp_path / "a", **kw), quizgen.make_quiz(tmp_path / "b", **kw)
+    quizgen.train_quiz_tokenizer(a), quizgen.train_quiz_tokenizer(b)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) > 10 and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    c = data.make_quiz(tmp_path / "c", **dict(kw, seed=4))
+    c = quizgen.make_quiz(tmp_path / "c", **dict(kw, seed=4))
     assert (c / "problems.json").read_bytes() != (a / "problems.json").read_bytes()
     # ensure_quiz reuses a complete folder with a matching stamp (no rewrite) ...
     folder, _ = data_small_quiz
     mtime = (folder / "problems.json").stat().st_mtime_ns
-    data.ensure_quiz(folder, n_train=60, n_val=10, n_test=30, image_size=32)
+    quizgen.ensure_quiz(folder, n_train=60, n_val=10, n_test=30, image_size=32)
     assert (folder / "problems.json").stat().st_mtime_ns == mtime
     with pytest.raises(TypeError, match="n_trian"):
-        data.ensure_quiz(folder, n_trian=5)
+        quizgen.ensure_quiz(folder, n_trian=5)
 
 
 def test_quiz_design(tmp_path):
-    folder = data.make_quiz(tmp_path, n_train=1500, n_val=50, n_test=400, image_size=16)
+    folder = quizgen.make_quiz(tmp_path, n_train=1500, n_val=50, n_test=400, image_size=16)
     problems = json.loads((folder / "problems.json").read_text())
     splits = json.loads((folder / "pid_splits.json").read_text())
     captions = json.loads((folder / "captions.json").read_text())["captions"]
@@ -1085,30 +1112,30 @@ def test_truncation_keeps_answer_start(data_small_quiz):
     _, tok = data_small_quiz
     prompt = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) blue (C) green\nResponse:"
     answer = "The answer is B. BECAUSE: " + "The circle is blue. " * 20
-    full = data.encode_example(tok, prompt, answer, True, 10**6)
+    full = data.encode_example(tok, prompt, answer, True, 10**6, n_visual=NV)
     n_head = 1 + len(tok.encode(data.IMAGE_PREFIX, False, False)) + 6
     n_prompt = len(tok.encode(prompt, False, False))
     # 1. Cut the answer's tail (EOS first) ...
-    enc = data.encode_example(tok, prompt, answer, True, max_seq_len=n_head + n_prompt + 12 + 1)
+    enc = data.encode_example(tok, prompt, answer, True, max_seq_len=n_head + n_prompt + 12 + 1, n_visual=NV)
     assert enc["truncated"] and len(enc["tokens"]) == n_head + n_prompt + 12
     assert torch.equal(enc["tokens"], full["tokens"][: len(enc["tokens"])]) and enc["tokens"][-1] != tok.eos_id
     # 2. ... but keep 8 answer tokens, cutting the prompt from its start (BOS, prefix, placeholders stay).
-    enc = data.encode_example(tok, prompt, answer, True, max_seq_len=n_head + 10 + 1)
-    assert len(enc["tokens"]) == n_head + 10 and (enc["labels"] != data.IGNORE).sum() == data.MIN_ANSWER_TOKENS
+    enc = data.encode_example(tok, prompt, answer, True, max_seq_len=n_head + 10 + 1, n_visual=NV)
+    assert len(enc["tokens"]) == n_head + 10 and (enc["labels"] != IGNORE).sum() == data.MIN_ANSWER_TOKENS
     assert torch.equal(enc["tokens"][:n_head], full["tokens"][:n_head]) and enc["vis_mask"].sum() == 6
     assert tok.decode(enc["tokens"][-8:]).startswith("The answer is B.")
     assert tok.decode(enc["tokens"][n_head:-8]) == "Response:"
     with pytest.raises(ValueError):
-        data.encode_example(tok, prompt, answer, True, max_seq_len=n_head + 3)
-    assert data.encode_prompt(tok, prompt, True) == full["tokens"][: n_head + n_prompt].tolist()
+        data.encode_example(tok, prompt, answer, True, max_seq_len=n_head + 3, n_visual=NV)
+    assert data.encode_prompt(tok, prompt, True, n_visual=NV) == full["tokens"][: n_head + n_prompt].tolist()
 
 
 def test_encode_dialogue(data_small_quiz):
     _, tok = data_small_quiz
     turns = [("What color is the circle?", "The circle is red."), ("Where is the circle?", "It is at the top left.")]
-    enc = data.encode_dialogue(tok, turns, has_image=True, max_seq_len=512)
+    enc = data.encode_dialogue(tok, turns, has_image=True, max_seq_len=512, n_visual=NV)
     tokens, labels = enc["tokens"], enc["labels"]
-    lab = labels != data.IGNORE
+    lab = labels != IGNORE
     # Exactly two labelled runs: each answer + its EOS.
     runs, i = [], 0
     while i < len(lab):
@@ -1126,14 +1153,14 @@ def test_encode_dialogue(data_small_quiz):
     assert torch.equal(labels[lab], tokens[lab])
     assert tok.decode(tokens[runs[0][1] : runs[1][0]]) == "Instruction: Where is the circle?\nResponse:"
     # One turn == encode_example with the LLaVA-form instruction; inference ends at "Response:" with no labels.
-    one = data.encode_dialogue(tok, turns[:1], False, 512)
-    ref = data.encode_example(tok, data.build_instruction(turns[0][0], None), turns[0][1], False, 512)
+    one = data.encode_dialogue(tok, turns[:1], False, 512, n_visual=NV)
+    ref = data.encode_example(tok, data.build_instruction(turns[0][0], None), turns[0][1], False, 512, n_visual=NV)
     assert torch.equal(one["tokens"], ref["tokens"]) and torch.equal(one["labels"], ref["labels"])
-    inf = data.encode_dialogue(tok, turns + [("How many shapes are there?", None)], True, 512)
+    inf = data.encode_dialogue(tok, turns + [("How many shapes are there?", None)], True, 512, n_visual=NV)
     assert tok.decode(inf["tokens"]).endswith("Response:") and inf["tokens"][-1] != tok.eos_id
-    assert (inf["labels"] != data.IGNORE).sum() == lab.sum()
+    assert (inf["labels"] != IGNORE).sum() == lab.sum()
     # Too long for inference: the oldest turns go, the new question stays.
-    short = data.encode_dialogue(tok, turns + [("How many shapes are there?", None)], True, len(inf["tokens"]) - 3)
+    short = data.encode_dialogue(tok, turns + [("How many shapes are there?", None)], True, len(inf["tokens"]) - 3, n_visual=NV)
     assert short["truncated"] and tok.decode(short["tokens"]).endswith("How many shapes are there?\nResponse:")
 
 
@@ -1147,7 +1174,7 @@ def test_instruction_dataset(tmp_path, data_small_quiz):
         {"instruction": "Which word is a noun?", "input": "", "output": "The word apple is a noun."},
     ]  # fmt: skip
     (tmp_path / "mix.json").write_text(json.dumps(recs))
-    ds = data.InstructionDataset(tmp_path / "mix.json", tok, image_dir=image.parent, image_size=32)
+    ds = data.InstructionDataset(tmp_path / "mix.json", tok, image_dir=image.parent, image_size=32, n_visual=NV)
     a, b = ds[0], ds[1]
     assert a["has_image"] and a["image"].shape == (3, 32, 32) and not b["has_image"] and b["image"] is None
     assert "<image>" not in tok.decode(a["tokens"]) and "Instruction: What color is the circle?\nResponse:" in tok.decode(a["tokens"])
@@ -1171,12 +1198,12 @@ def test_length_grouped_order():
 
 def test_parse_answer():
     rng = random.Random(0)
-    assert data.parse_answer("...Response:The answer is B. BECAUSE: x", 3, rng) == (1, False)
-    assert data.parse_answer("The answer is C? The answer is A.", 3, rng) == (2, False)  # first match; "." is any char
-    assert data.parse_answer("The answer is B", 3, rng)[1]  # needs a character after the letter
-    idx, fb = data.parse_answer("The answer is D.", 3, rng)  # letter beyond the choices
+    assert evaluate.parse_answer("...Response:The answer is B. BECAUSE: x", 3, rng) == (1, False)
+    assert evaluate.parse_answer("The answer is C? The answer is A.", 3, rng) == (2, False)  # first match; "." is any char
+    assert evaluate.parse_answer("The answer is B", 3, rng)[1]  # needs a character after the letter
+    idx, fb = evaluate.parse_answer("The answer is D.", 3, rng)  # letter beyond the choices
     assert fb and 0 <= idx < 3
-    draws = [data.parse_answer("no idea", 4, random.Random(7))[0] for _ in range(3)]
+    draws = [evaluate.parse_answer("no idea", 4, random.Random(7))[0] for _ in range(3)]
     assert len(set(draws)) == 1  # seeded
 
 
@@ -1199,10 +1226,10 @@ def test_score_table():
     rng = random.Random(0)
     preds, n_fb = {}, 0
     for pid, t in texts.items():
-        preds[pid], fb = data.parse_answer(t, 3, rng)
+        preds[pid], fb = evaluate.parse_answer(t, 3, rng)
         n_fb += fb
     preds["8"] = 0  # pin the fallback's draw to a wrong answer for the hand computation
-    s = data.score_table(problems, preds, n_fb)
+    s = evaluate.score_table(problems, preds, n_fb)
     # correct: 1, 2, 4, 6  (3, 5, 7, 8 wrong)
     expect = {"NAT": 2 / 3, "SOC": 1 / 2, "LAN": 1 / 2, "TXT": 2 / 3, "IMG": 1 / 3, "NO": 1 / 3,
               "G1-6": 1 / 4, "G7-12": 3 / 3, "Avg": 4 / 8}  # fmt: skip
@@ -1210,10 +1237,10 @@ def test_score_table():
         assert s[col] == pytest.approx(100 * v), col
     assert s["counts"] == {"NAT": 3, "SOC": 2, "LAN": 2, "TXT": 3, "IMG": 3, "NO": 3, "G1-6": 4, "G7-12": 3, "Avg": 8}
     assert s["n_fallback"] == 1
-    table = data.format_table(s)
+    table = evaluate.format_table(s)
     assert "G7-12" in table and "100.00" in table and "50.00" in table and "fallback): 1" in table
     with pytest.raises(ValueError, match="no prediction"):
-        data.score_table(problems, {"1": 0}, 0)
+        evaluate.score_table(problems, {"1": 0}, 0)
 
 
 # -----------------------------------------------------------------------------
@@ -1245,21 +1272,21 @@ def test_bad_inputs(tmp_path, data_small_quiz):
         data.load_scienceqa(root, "train")
     (root / "problems.json").write_text(json.dumps(problems))
     with pytest.raises(ValueError, match=rf"problem {missing}: .*{missing}/image.png"):
-        data.ScienceQADataset(root, "train", tok, image_size=32)
+        data.ScienceQADataset(root, "train", tok, image_size=32, n_visual=NV)
     with pytest.raises(ValueError, match="split 'dev'"):
         data.load_scienceqa(root, "dev")
-    ds = data.ScienceQADataset(root, "train", tok, image_size=32, skip_bad=True)
+    ds = data.ScienceQADataset(root, "train", tok, image_size=32, skip_bad=True, n_visual=NV)
     assert [p for p, _ in ds.skipped] == [missing, corrupt] and len(ds) == 58
     assert corrupt in ds.skipped[1][1] and "image.png" in ds.skipped[1][1]
     # Without skip_bad the corrupt file is found when the item is read, and the error names pid and path.
     (root / "images" / "train" / missing).mkdir(parents=True)
     (root / "images" / "train" / missing / "image.png").write_bytes((folder / "images" / "train" / missing / "image.png").read_bytes())
-    ds = data.ScienceQADataset(root, "train", tok, image_size=32)
+    ds = data.ScienceQADataset(root, "train", tok, image_size=32, n_visual=NV)
     i = [s["pid"] for s in ds.samples].index(corrupt)
     with pytest.raises(ValueError, match=rf"problem {corrupt}: cannot load image .*{corrupt}/image.png"):
         ds[i]
     with pytest.raises(ValueError, match="unknown prompt format"):
-        data.ScienceQADataset(root, "train", tok, fmt="QCM-XYZ")
+        data.ScienceQADataset(root, "train", tok, fmt="QCM-XYZ", n_visual=NV)
 
 
 # =====================================================================================================================
@@ -1273,7 +1300,7 @@ ROOT = Path(__file__).resolve().parent
 def tiny_setup(tmp_path_factory):
     """A small generated quiz plus random tiny backbones saved in the layouts real weights come in."""
     root = tmp_path_factory.mktemp("tiny")
-    quiz = data.ensure_quiz(root / "quiz", n_train=96, n_val=16, n_test=24)
+    quiz = quizgen.ensure_quiz(root / "quiz", n_train=96, n_val=16, n_test=24)
     tok = data.Tokenizer(quiz / "tokenizer.model")
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=tok.n_words, multiple_of=32, norm_eps=1e-5)
@@ -1318,7 +1345,7 @@ def test_resume_is_exact(tiny_setup, tmp_path):
     train.main(tiny_setup["flags"] + ["--out_dir", str(full), "--max_steps", "5"])
     train.main(tiny_setup["flags"] + ["--out_dir", str(part), "--max_steps", "2"])
     train.main(["--resume", str(part / "ckpt.pt"), "--max_steps", "5", "--out_dir", str(part)])
-    a, b = train.load_checkpoint(full / "ckpt.pt"), train.load_checkpoint(part / "ckpt.pt")
+    a, b = load_checkpoint(full / "ckpt.pt"), load_checkpoint(part / "ckpt.pt")
     assert a["step"] == b["step"] == 5
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
@@ -1327,21 +1354,21 @@ def test_resume_is_exact(tiny_setup, tmp_path):
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])  # truncated
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        train.load_checkpoint(path)
+        load_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        train.load_checkpoint(path)
+        load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="not found"):
-        train.load_checkpoint(tmp_path / "missing.pt")
+        load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_interrupted_save_keeps_last_good(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
 
     def dying_save(obj, f):
         f.write(b"half a checkpoint")
@@ -1349,9 +1376,9 @@ def test_interrupted_save_keeps_last_good(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "step": 2})
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "step": 2})
     monkeypatch.undo()
-    ck = train.load_checkpoint(path)
+    ck = load_checkpoint(path)
     assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.ones(3))
 
 
@@ -1376,8 +1403,8 @@ def test_two_processes_follow_one(tiny_setup, tmp_path, fsdp):
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    wa = train.load_checkpoint(one / "ckpt.pt")["model"]
-    wb = train.load_checkpoint(two / "ckpt.pt")["model"]
+    wa = load_checkpoint(one / "ckpt.pt")["model"]
+    wb = load_checkpoint(two / "ckpt.pt")["model"]
     assert wa.keys() == wb.keys()
 
 
@@ -1392,10 +1419,10 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
     torch.save(sd, bad / "consolidated.00.pth")
     flags[flags.index("--llama_dir") + 1] = str(bad)
     out = tmp_path / "out"
-    train.save_checkpoint(out / "ckpt.pt", {"model": {}, "step": 7})  # an earlier run's last good checkpoint
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 .*Last good checkpoint: .*ckpt\.pt"):
+    save_checkpoint(out / "ckpt.pt", {"model": {}, "step": 7})  # an earlier, unrelated run's checkpoint
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
         train.main(flags + ["--out_dir", str(out)])
-    assert train.load_checkpoint(out / "ckpt.pt")["step"] == 7
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 7  # left alone
 
 
 # =====================================================================================================================
@@ -1408,7 +1435,7 @@ MAX_SEQ_LEN = 128
 
 @pytest.fixture(scope="module")
 def quiz(tmp_path_factory):
-    return data.ensure_quiz(tmp_path_factory.mktemp("sample") / "quiz", n_train=40, n_val=4, n_test=24)
+    return quizgen.ensure_quiz(tmp_path_factory.mktemp("sample") / "quiz", n_train=40, n_val=4, n_test=24)
 
 
 @pytest.fixture(scope="module")
@@ -1436,7 +1463,7 @@ def images(n, seed=0):
 
 
 def prompt(tok, text, has_image):
-    return data.encode_dialogue(tok, [(text, None)], has_image)["tokens"].tolist()
+    return data.encode_dialogue(tok, [(text, None)], has_image, n_visual=NV)["tokens"].tolist()
 
 
 def test_streaming_equals_plain(model, tok):
@@ -1484,9 +1511,9 @@ def test_batch_equals_alone(model, tok):
 def test_evaluate_merged_equals_unmerged(model, tok, quiz):
     """evaluate() batches per modality and merges per batch: the same predictions and texts as unmerged."""
     problems = data.load_scienceqa(quiz, "test")
-    kw = dict(batch_size=5, max_new_tokens=6, image_size=64)
-    merged = sample.evaluate(model, tok, problems, quiz, "test", merge=True, **kw)
-    assert merged == sample.evaluate(model, tok, problems, quiz, "test", merge=False, **kw)
+    kw = dict(batch_size=5, max_new_tokens=6)
+    merged = evaluate.evaluate(model, tok, problems, quiz, "test", merge=True, **kw)
+    assert merged == evaluate.evaluate(model, tok, problems, quiz, "test", merge=False, **kw)
     assert model.merged_modality is None and not model.training  # left as it came
 
 
@@ -1554,10 +1581,10 @@ def _fsdp_worker(rank, world, port, quiz):
         tok = data.Tokenizer(quiz / "tokenizer.model")
         model = sample_tiny_lavin(tok)
         problems = data.load_scienceqa(quiz, "test")[:12]
-        kw = dict(batch_size=4, max_new_tokens=4, image_size=64, merge=False)
-        _, _, alone = sample.evaluate(model, tok, problems, quiz, "test", **kw)  # the whole split on each rank
+        kw = dict(batch_size=4, max_new_tokens=4, merge=False)
+        _, _, alone = evaluate.evaluate(model, tok, problems, quiz, "test", **kw)  # the whole split on each rank
         wrap_model(model, Namespace(fsdp=True, grad_ckpt=False, compile=False), torch.device("cpu"), world)
-        _, _, sharded = sample.evaluate(model, tok, problems, quiz, "test", rank=rank, world=world, **kw)
+        _, _, sharded = evaluate.evaluate(model, tok, problems, quiz, "test", rank=rank, world=world, **kw)
         assert sharded == alone
         assert type(model.llama.layers[0].attention.wq.weight).__name__ == "DTensor"  # sharded again afterwards
     finally:
@@ -1587,10 +1614,10 @@ def test_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     path = tmp_path / "checkpoint-19.pth"
     torch.save({"model": official, "epoch": 19, "args": Namespace(max_seq_len=512, adapter_dim=8)}, path)
     root = ckpt.parent.parent
-    flags = Namespace(adapter=str(path), llama_dir=str(root / "llama"), clip_path=str(root / "clip.pt"),
-                      tokenizer=str(quiz / "tokenizer.model"), tau=model.adapter_args.tau, data_dir=None)
-    loaded, tok2, info = sample.load_model(flags, torch.device("cpu"), None)
-    assert info["fmt"] == "QCM-ALE" and info["norm"] == "imagenet" and info["image_size"] == 64
+    loaded, tok2, info = evaluate.load_for_inference(path, torch.device("cpu"), None, str(root / "llama"),
+                                                     str(root / "clip.pt"), str(quiz / "tokenizer.model"),
+                                                     model.adapter_args.tau, clip_every=1)
+    assert info["prompt_format"] == "QCM-ALE" and info["norm"] == "imagenet" and info["image_size"] == 64
     p, img = prompt(tok, "Which shape is red?", True), images(1)[0]
     s = sample.Sampling(max_new_tokens=12)
     assert sample.answer(loaded, tok2, p, img, s, None) == sample.answer(model, tok, p, img, s, None)
@@ -1599,11 +1626,11 @@ def test_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
 def test_chat_prompt_follows_the_training_format(tok):
     """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
     line = "What color is the circle? (A) red (B) green"
-    ids = sample.chat_prompt(tok, {"chat": "scienceqa", "fmt": "QCM-EA"}, [], line, True, 200)
+    ids = sample.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
     expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
-    assert ids == data.encode_prompt(tok, expected, True)
-    ids = sample.chat_prompt(tok, {"chat": "instruction"}, [("hi", "hello")], line, False, 200)
-    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201)["tokens"].tolist()
+    assert ids == data.encode_prompt(tok, expected, True, n_visual=NV)
+    ids = sample.chat_prompt(tok, {"chat": "instruction", "n_visual": NV}, [("hi", "hello")], line, False, 200)
+    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201, n_visual=NV)["tokens"].tolist()
 
 
 # =====================================================================================================================

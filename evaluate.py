@@ -1,0 +1,369 @@
+"""
+Evaluate a trained LaVIN on ScienceQA by generation, fast: the split is cut into batches of one modality and similar
+lengths, the adapters are folded into the weights for each modality, and the batches are shared out over torchrun
+ranks and gathered, so the table does not depend on the number of GPUs (Luo et al., NeurIPS 2023, §4.1; luogen1996/
+LaVIN eval.py, and ScienceQA's tools/evaluate_acc.py for the score table).
+
+    python evaluate.py                                                 # the quick start's out/ckpt.pt, test split
+    python evaluate.py --adapter out/ckpt.pt --split val --limit 100   # a smoke run
+    torchrun --standalone --nproc_per_node 8 evaluate.py --adapter out/ckpt.pt     # 8 GPUs, sharded and gathered
+    python evaluate.py --adapter LaVIN-7B/checkpoint-19.pth --llama_dir /data/LLaMA/7B \
+        --clip_path /data/clip/ViT-L-14.pt --data_dir /data/ScienceQA             # an official adapter file
+
+`python sample.py --eval ...` is the same command. Answers are parsed with the official pattern "The answer is X.";
+an unparsable answer falls back to a *seeded* random choice, and the fallbacks are counted (README, difference 16).
+Greedy by default, so results depend on neither seed nor batch; `--temperature 0.1 --top_p 0.75` is what the
+official evaluation samples with. Also home to what every entry point shares: the distributed set-up and loading a
+trained model for inference (train.py evaluates through `evaluate`, sample.py loads through `load_for_inference`).
+
+Tests: `python -m pytest -q test_all.py -k evaluate`.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from tqdm import tqdm
+
+import data
+from model import LaVIN, load_checkpoint, load_trained
+
+
+# =====================================================================================================================
+# Distributed set-up: one code path for CPU, one GPU and torchrun (train.py, sample.py and this file)
+
+def setup_distributed():
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them we are a single process. NCCL on GPUs, gloo on CPU.
+    Returns (rank, local_rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, local_rank, world, device
+
+
+# =====================================================================================================================
+# Scoring (the official eval.py, and ScienceQA's tools/evaluate_acc.py)
+
+# The official pattern. The final "." matches any character, and the first match wins.
+_ANSWER_RE = re.compile(r"The answer is ([A-Z]).")
+
+
+def parse_answer(text: str, n_choices: int, rng: random.Random) -> tuple[int, bool]:
+    """Generated text -> (choice index, used_fallback).
+
+    A letter outside the first n_choices, or no match at all ("FAILED" in eval.py), becomes a uniformly random
+    choice. The official code draws it from Python's unseeded global `random`, so its scores wobble from run to run;
+    here the caller passes a seeded rng and counts the fallbacks (README, difference 16).
+    """
+    m = _ANSWER_RE.search(text)
+    if m and m.group(1) in data.OPTIONS[:n_choices]:
+        return data.OPTIONS.index(m.group(1)), False
+    return rng.choice(range(n_choices)), True
+
+
+COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")  # the paper's table, left to right
+_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+
+
+def _columns_of(rec):
+    """The table columns a record counts towards (evaluate_acc.py definitions: TXT and IMG may overlap)."""
+    cols = ["Avg"]
+    if rec.get("subject") in _SUBJECTS:  # null subject (reconstructed test records) -> left out of NAT/SOC/LAN only
+        cols.append(_SUBJECTS[rec["subject"]])
+    if rec.get("hint"):
+        cols.append("TXT")
+    if rec.get("image"):
+        cols.append("IMG")
+    if not rec.get("hint") and not rec.get("image"):
+        cols.append("NO")
+    grade = rec.get("grade") or ""
+    if grade.startswith("grade") and grade[5:].isdigit():
+        cols.append("G1-6" if int(grade[5:]) <= 6 else "G7-12")
+    return cols
+
+
+def score_table(problems: dict, preds: dict, n_fallback: int = 0) -> dict:
+    """Accuracy (%) per paper column over `problems` ({pid: record}); preds is {pid: predicted index}.
+
+    Returns {column: percent or None (empty column), "counts": {column: n}, "correct": {column: k},
+    "n_fallback": n_fallback}.
+    """
+    missing = [pid for pid in problems if pid not in preds]
+    if missing:
+        raise ValueError(f"{len(missing)} problems have no prediction (first: {missing[:5]})")
+    counts = dict.fromkeys(COLUMNS, 0)
+    correct = dict.fromkeys(COLUMNS, 0)
+    for pid, rec in problems.items():
+        hit = int(preds[pid]) == rec["answer"]
+        for col in _columns_of(rec):
+            counts[col] += 1
+            correct[col] += hit
+    scores = {c: (100.0 * correct[c] / counts[c] if counts[c] else None) for c in COLUMNS}
+    return dict(scores, counts=counts, correct=correct, n_fallback=n_fallback)
+
+
+def format_table(scores: dict) -> str:
+    """The paper's columns in one row, then the number of problems behind each, then the fallback count."""
+    head = "      " + "".join(f"{c:>7}" for c in COLUMNS)
+    acc = "acc % " + "".join(f"{'-' if scores[c] is None else f'{scores[c]:.2f}':>7}" for c in COLUMNS)
+    n = "n     " + "".join(f"{scores['counts'][c]:>7}" for c in COLUMNS)
+    return f"{head}\n{acc}\n{n}\nunparsed answers (random fallback): {scores['n_fallback']}"
+
+
+
+# =====================================================================================================================
+# Loading a trained model for inference (sample.py's too)
+
+def load_for_inference(path, device, dtype=None, llama_dir=None, clip_path=None, tokenizer=None, tau=None,
+                       data_dir=None, clip_every=None):
+    """
+    A checkpoint (train.py's, or an official LaVIN adapter file) -> (model in eval mode, tokenizer, info): info says
+    how the model was trained (norm, prompt_format, data_dir, chat, image_size, n_visual). Paths given here win over
+    the recorded ones (e.g. after moving the weights to another machine).
+    """
+    model, info = load_trained(load_checkpoint(path), device, dtype, llama_dir, clip_path, tau, clip_every)
+    tok = data.Tokenizer(tokenizer or info["tokenizer"] or data.tokenizer_path(info["llama_dir"]))
+    if model.llama.args.vocab_size != tok.n_words:
+        raise ValueError(f"the tokenizer has {tok.n_words} pieces but the LLaMA has a "
+                         f"{model.llama.args.vocab_size}-row embedding: pass the --tokenizer of that --llama_dir")
+    info.update(data_dir=data_dir or info["data_dir"], image_size=model.visual.args.image_size,
+                n_visual=model.visual.args.n_tokens)
+    return model, tok, info
+
+
+def prompt_budget(model: LaVIN) -> int:
+    """
+    Longest prompt, in tokens before the modality token: the training length less the few answer tokens that training
+    always keeps (data.MIN_ANSWER_TOKENS, "The answer is X."). This is exactly how data.encode_example cuts over-long
+    samples, so every prompt position is one the model was trained at. A long answer may run past max_seq_len: those
+    positions are new to the model, but the RoPE tables cover twice max_seq_len, and the scored part comes first.
+    """
+    return model.llama.args.max_seq_len - 1 - data.MIN_ANSWER_TOKENS
+
+
+# =====================================================================================================================
+# Batched evaluation on ScienceQA (also train.py's end-of-training evaluation)
+
+def eval_prompts(tok, problems: list[dict], fmt: str, budget: int, n_visual: int) -> list[list[int]]:
+    """Each problem's prompt in the training layout (data.encode_prompt: BOS, prefix, placeholders, QCM... text up to
+    "Response:"), cut to `budget` tokens the way training cuts an over-long sample (data.fit_prompt)."""
+    prompts = []
+    for rec in problems:
+        img = bool(rec.get("image"))
+        ids = data.encode_prompt(tok, data.build_prompt(rec, fmt)[0], img, n_visual=n_visual)
+        prompts.append(data.fit_prompt(tok, ids, img, budget, n_visual=n_visual))
+    return prompts
+
+
+def eval_batches(items: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """
+    items: (modality, prompt length) per problem -> batches of problem indices. One modality per batch, so the adapters
+    can be merged for it; sorted by length inside each modality, so a batch holds similar lengths and few pads. The
+    batches depend on nothing but the split and batch_size: ranks then take whole batches (batches[rank::world]), and
+    every batch is computed exactly as in a single process, so the table does not depend on the number of GPUs.
+    (Sharding the problems instead, problems[rank::world], would regroup them per rank: other pads, other float
+    rounding, and on a near tie another greedy token.)
+    """
+    batches = []
+    for modality in (1, 0):
+        idx = sorted((i for i, (m, _) in enumerate(items) if m == modality), key=lambda i: (items[i][1], i))
+        batches += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    return batches
+
+
+@contextmanager
+def unsharded(model):
+    """
+    Under FSDP2 (train.py --fsdp) the parameters are DTensor shards, gathered only inside each unit's forward, so every
+    rank would have to run the same forwards in lockstep, which per-rank batches and early stopping at EOS break.
+    For evaluation we gather every unit once and keep it gathered (set_reshard_after_forward(False)): the ranks then
+    generate independently, at the cost of one full copy of the model per rank. Afterwards the shards come back, with
+    resharding after forward on again, train.py's (and fully_shard's) default. A model without FSDP passes through.
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()  # all-gather now (every rank, together), so no forward below needs the other ranks
+        unit.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def generate_split(model: LaVIN, tok, problems, data_dir, split, fmt, norm, batch_size, max_new_tokens, rank, world,
+                   merge, seed, temperature, top_p) -> dict:
+    """This rank's share of the generation: {pid: generated text}. Arguments as `evaluate`."""
+    dev = model.llama.tok_embeddings.weight.device
+    was_training = model.training
+    model.eval()  # adapter dropout off (merging is only exact in eval mode)
+    prompts = eval_prompts(tok, problems, fmt, prompt_budget(model), model.visual.args.n_tokens)
+    items = [(int(bool(rec.get("image"))), len(p)) for rec, p in zip(problems, prompts)]
+    batches = eval_batches(items, batch_size)
+    raw = {}
+    for b in tqdm(range(rank, len(batches), world), desc=f"eval {split}", disable=rank != 0, dynamic_ncols=True):
+        rows = batches[b]
+        modality = items[rows[0]][0]  # the same for the whole batch
+        model.for_modality(modality, merge)  # at most two merges per rank: image batches come first
+        images = None
+        if modality:
+            S = model.visual.args.image_size
+            images = torch.stack([data.load_image_tensor(data.image_path(data_dir, split, problems[i]["pid"]), S, norm)
+                                  for i in rows]).to(dev)  # (B, 3, S, S)
+        # One generator per batch, seeded by the batch's index: sampled answers do not depend on which rank ran it.
+        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b)
+        with model.autocast():
+            outs = model.generate([prompts[i] for i in rows], [bool(modality)] * len(rows), images, max_new_tokens,
+                                  temperature, top_p, tok.eos_id, gen)
+        for i, o in zip(rows, outs):
+            # Only the generated part is kept and parsed. The official code decodes prompt + answer, so its first regex
+            # match could in principle come from the prompt (QCM prompts do not contain "The answer is").
+            raw[problems[i]["pid"]] = tok.decode(o)
+    model.unmerge()  # leave the model as it came: train.py may go on training it
+    model.train(was_training)
+    return raw
+
+
+@torch.no_grad()
+def evaluate(model: LaVIN, tokenizer, problems: list[dict], data_dir, split, fmt="QCM-ALE", norm="imagenet", *,
+             batch_size=16, max_new_tokens=64, rank=0, world=1, merge=True, seed=1, temperature=0.0, top_p=0.75,
+             out=None):
+    """
+    Generate an answer for every problem (records from data.load_scienceqa), parse and score them (eval.py).
+    Every rank calls this (its share of the batches runs there; the texts are gathered to all ranks). Rank 0 prints
+    the score table and writes `out` (if given) as {pid: {"pred": index, "text": generated}, ..., "fallbacks": n,
+    "scores": {...}}. Returns (preds {pid: index}, number of random fallbacks, {pid: generated text}) on every rank.
+    The model is left unmerged and in the train/eval mode it came in.
+    """
+    # Generation, each rank on its own batches; under FSDP2 with the whole model gathered on every rank first.
+    with unsharded(model):
+        raw = generate_split(model, tokenizer, problems, data_dir, split, fmt, norm, batch_size, max_new_tokens, rank,
+                             world, merge, seed, temperature, top_p)
+    if world > 1:  # every rank gets every text (a CPU object gather: the texts are small)
+        parts = [None] * world
+        dist.all_gather_object(parts, raw)
+        raw = {pid: text for part in parts for pid, text in part.items()}
+
+    # Parse in the split's order with a seeded RNG (the official fallback is unseeded; README, difference 16): the
+    # draws are the same on every rank, in every run and for any number of ranks.
+    rng = random.Random(seed)
+    preds, n_fallback = {}, 0
+    for rec in problems:
+        preds[rec["pid"]], fell_back = parse_answer(raw[rec["pid"]], len(rec["choices"]), rng)
+        n_fallback += fell_back
+    if rank == 0:  # every rank holds the same preds; one prints and writes
+        scores = score_table({rec["pid"]: rec for rec in problems}, preds, n_fallback)
+        print(f"ScienceQA {split}: {len(problems)} problems, {world} rank(s), "
+              f"{'greedy' if temperature <= 0 else f'temperature {temperature}, top_p {top_p}'}, "
+              f"adapters {'merged' if merge else 'unmerged'}")
+        print(format_table(scores))
+        if out is not None:
+            record = {pid: {"pred": p, "text": raw[pid]} for pid, p in preds.items()}
+            record.update(fallbacks=n_fallback, scores=scores)  # no pid collides: ScienceQA pids are numbers
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(record, indent=1))
+            print(f"predictions written to {out}")
+    return preds, n_fallback, raw
+
+
+# =====================================================================================================================
+# The command line (sample.py shares the model and generation flags)
+
+def add_model_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--adapter", default="out/ckpt.pt",
+                   help="adapter checkpoint: train.py's ckpt.pt (default: the quick start's) or an official LaVIN .pth")
+    g.add_argument("--llama_dir", help="LLaMA folder (default: what the checkpoint records)")
+    g.add_argument("--clip_path", help="CLIP checkpoint, e.g. OpenAI's ViT-L-14.pt (default: the checkpoint's)")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the checkpoint's; for an official "
+                                       "adapter file, tokenizer.model next to --llama_dir's folder)")
+    g.add_argument("--tau", type=float, help="router temperature of an official adapter file (default: 10 for 7B, 5 "
+                                             "for 13B, as the official scripts; router.default_tau)")
+    g.add_argument("--clip_every", type=int, help="visual tokens of an official adapter file: the class token after "
+                                                  "every Nth CLIP block (default: 4, as the official code)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default: deterministic and batch-independent); the official eval uses 0.1")
+    g.add_argument("--top_p", type=float, default=0.75, help="nucleus sampling threshold when temperature > 0")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="64 as the official eval.py")
+    g.add_argument("--seed", type=int, default=1, help="torch.manual_seed(1) as the official eval.py")
+    g.add_argument("--no_merge", action="store_true", help="run the adapters as modules instead of folding them "
+                                                          "(README, difference 6)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun picks per rank)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="frozen weights and compute: bf16 on GPU (default), fp32 on CPU (default)")
+
+
+def add_eval_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--split", default="test")
+    g.add_argument("--data_dir", help="ScienceQA root (default: what the checkpoint records)")
+    g.add_argument("--limit", type=int, help="evaluate the first N problems only (a smoke run)")
+    g.add_argument("--batch_size", type=int, default=16, help="prompts per generate() call on each rank")
+    g.add_argument("--out", help="predictions JSON (default: preds_{split}.json next to the checkpoint)")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_model_flags(p)
+    add_eval_flags(p)
+    return p.parse_args(argv)
+
+
+def inference_setup(args):
+    """The process, device and model every inference entry point starts with -> (rank, world, device, model, tok,
+    info). The frozen backbones load in bf16 on GPU (half the memory, what training ran in); the adapters stay fp32
+    and autocast mixes the two (LaVIN.autocast). CPU: fp32, where bf16 matmuls are slow."""
+    rank, _, world, device = setup_distributed()
+    if args.device and world == 1:
+        device = torch.device(args.device)  # under torchrun each rank keeps the GPU of its LOCAL_RANK
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if rank == 0:
+        print(f"loading {args.adapter} on {device} ({dtype}) ...", file=sys.stderr)  # stdout: answers only
+    frozen = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        model, tok, info = load_for_inference(args.adapter, device, frozen, args.llama_dir, args.clip_path,
+                                              args.tokenizer, args.tau, args.data_dir, args.clip_every)
+    except (FileNotFoundError, ValueError) as e:  # missing or mismatched files: the message says what to do
+        raise SystemExit(f"error: {e}") from None
+    return rank, world, device, model, tok, info
+
+
+def run(args, rank, world, model, tok, info):
+    """Score a split with the flags of add_eval_flags (evaluate.py and sample.py --eval)."""
+    if info["data_dir"] is None:
+        raise SystemExit("this needs --data_dir (the ScienceQA root): the adapter file does not record one")
+    problems = data.load_scienceqa(info["data_dir"], args.split)[:args.limit]  # [:None] is the whole split
+    out = args.out or Path(args.adapter).parent / f"preds_{args.split}.json"
+    evaluate(model, tok, problems, info["data_dir"], args.split, info["prompt_format"], info["norm"],
+             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, rank=rank, world=world,
+             merge=not args.no_merge, seed=args.seed, temperature=args.temperature, top_p=args.top_p, out=out)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, _, model, tok, info = inference_setup(args)
+    run(args, rank, world, model, tok, info)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
