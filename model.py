@@ -464,42 +464,37 @@ class LaVIN(nn.Module):
     def merge(self, modality: int):
         """
         Fold the LLaMA-side adapters (MMA) or the LoRA updates into the frozen weights for one modality, so inference
-        pays nothing for them. MMA: q/k/v gain a bias and a rank-8 update per layer (adapters.fold_mma_into_qkv); the CLIP adapters
-        route per image and stay as they are. `unmerge` restores the original modules exactly; the originals wait on
-        the CPU meanwhile. MixLoRA's updates depend on the input, so there is nothing static to fold.
+        pays nothing for them (README, difference 6). MMA: q/k/v gain a bias and a rank-8 update per layer
+        (adapters.fold_mma_into_qkv); the CLIP adapters route per image and stay as they are. `unmerge` restores the
+        originals exactly: they wait on the CPU meanwhile. MixLoRA's updates depend on the input: nothing to fold.
         """
-        method = self.adapter_args.method
-        if method == "mixlora":
+        if self.adapter_args.method == "mixlora":
             raise ValueError("MixLoRA chooses its factors per input: its updates cannot be folded into the weights")
-        if self.merged_modality is not None:
-            if self.merged_modality == modality:
-                return
-            self.unmerge()
-        saved = []
-        if method == "mma":
+        if self.merged_modality == modality:
+            return
+        self.unmerge()
+        if self.adapter_args.method == "mma":
+            self._unmerged = []
             for layer, w in zip(self.llama.layers, self.routing_weights(modality)):
                 originals = fold_mma_into_qkv(layer.attention, layer.adapter_attn, w)
-                saved.append((layer, layer.adapter_attn, {k: m.cpu() for k, m in originals.items()}))
+                self._unmerged.append((layer.adapter_attn, {k: m.cpu() for k, m in originals.items()}))
                 layer.adapter_attn = None
-        elif method == "lora":
-            for mod in self.llama.modules():
-                if isinstance(mod, LoRALinear):
-                    saved.append((mod, None, None))
-                    mod.merge()  # it keeps W0 itself, for its own unmerge
-        self._unmerged, self.merged_modality = saved, modality
+        for mod in self.llama.modules():
+            if isinstance(mod, LoRALinear):
+                mod.merge()  # it keeps W0 itself, for its own unmerge
+        self.merged_modality = modality
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged_modality is None:
             return
-        for owner, adapter, originals in self._unmerged:
-            if isinstance(owner, LoRALinear):
-                owner.unmerge()
-            else:
-                dev = owner.attention.wo.weight.device
-                for name, lin in originals.items():
-                    setattr(owner.attention, name, lin.to(dev))
-                owner.adapter_attn = adapter
+        for layer, (adapter, originals) in zip(self.llama.layers, self._unmerged or []):  # MMA
+            for name, lin in originals.items():
+                setattr(layer.attention, name, lin.to(layer.attention.wo.weight.device))
+            layer.adapter_attn = adapter
+        for mod in self.llama.modules():
+            if isinstance(mod, LoRALinear):
+                mod.unmerge()
         self._unmerged, self.merged_modality = None, None
 
     def for_modality(self, modality: int, merge: bool = True):
