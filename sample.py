@@ -55,10 +55,12 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--adapter", default="out/ckpt.pt",
                    help="adapter checkpoint: train.py's ckpt.pt (default: the quick start's) or an official LaVIN .pth")
-    g.add_argument("--llama_dir", help="Meta-layout LLaMA folder (default: what the checkpoint records)")
-    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt or a vision state dict (default: the checkpoint's)")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the checkpoint's; for an official "
-                                       "adapter file, tokenizer.model next to --llama_dir's folder)")
+    g.add_argument("--llama_dir", help="LLaMA folder, Meta's or Hugging Face's (default: what the checkpoint records)")
+    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt, a vision state dict, or a Hugging Face CLIP folder or "
+                                       ".safetensors file (default: the checkpoint's)")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model or a folder holding it (default: the "
+                                       "checkpoint's; for an official adapter file, LLaMA's, in or beside "
+                                       "--llama_dir)")
     g.add_argument("--tau", type=float, help="router temperature of an official adapter file (default: 10 for a "
                                              "4096-wide LLaMA (7B), 5 otherwise, as the official scripts)")
     g = p.add_argument_group("generation")
@@ -132,7 +134,7 @@ def load_model(args, device, dtype):
         tau = args.tau if args.tau is not None else (10.0 if width == 4096 else 5.0)  # finetuning_sqa_{7b,13b}.sh
         model = load_lavin(args.llama_dir, args.clip_path, AdapterArgs(method="mma", tau=tau), device, dtype)
         load_trainable(model, sd)  # converts the official conv_A/B/D, expert_weights names (adapters.py)
-        tok = data.Tokenizer(args.tokenizer or Path(args.llama_dir).parent / "tokenizer.model")
+        tok = data.Tokenizer(args.tokenizer or args.llama_dir)  # a folder: its tokenizer.model, in it or beside it
         # The official pipeline: ImageNet normalisation (quirk 3) and QCM-ALE prompts (every script, quirk 9).
         info = dict(norm="imagenet", fmt="QCM-ALE", data_dir=None, chat="scienceqa")
     if model.llama.args.vocab_size != tok.n_words:

@@ -53,9 +53,12 @@ QUIZ_DIR = Path("quiz")  # the generated default data (git-ignored)
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("base weights (leave all empty for the quick start's pre-trained tiny stand-ins)")
-    g.add_argument("--llama_dir", help="Meta-layout LLaMA folder: params.json + consolidated.*.pth")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: LLaMA's, next to --llama_dir)")
-    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt (TorchScript archive) or a vision state dict")
+    g.add_argument("--llama_dir", help="LLaMA folder: Meta's (params.json + consolidated.*.pth) or Hugging Face's "
+                                       "(config.json + model*.safetensors)")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model or a folder holding it (default: LLaMA's, in "
+                                       "or next to --llama_dir)")
+    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt (TorchScript archive), a vision state dict, or a "
+                                       "Hugging Face CLIP folder or .safetensors file")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", help="ScienceQA root: problems.json, pid_splits.json, images/ (default: the quiz)")
     g.add_argument("--instruction_json", help="LLaVA-Instruct / Alpaca JSON for the chatbot setting instead of ScienceQA")
@@ -405,12 +408,13 @@ def main(argv=None):
         if getattr(args, flag) is None:
             raise SystemExit(f"--{flag} is required when training on real data (or give no data flags at all for the "
                              f"quick start)")
-    if args.tokenizer is None:  # Meta's layout keeps tokenizer.model next to the 7B/ and 13B/ folders
-        args.tokenizer = str(Path(args.llama_dir).parent / "tokenizer.model")
+    if args.tokenizer is None:  # in the folder (Hugging Face), or next to it (Meta's 7B/ and 13B/)
+        args.tokenizer = str(data.tokenizer_path(args.llama_dir))
     tok = data.Tokenizer(args.tokenizer)
     if args.tau is None:  # the official scripts: tau = 10 for 7B (width 4096), 5 for 13B (width 5120)
-        params = Path(args.llama_dir) / "params.json"
-        args.tau = 5.0 if params.is_file() and json.loads(params.read_text())["dim"] >= 5120 else 10.0
+        files = [Path(args.llama_dir) / name for name in ("params.json", "config.json")]  # Meta's, Hugging Face's
+        conf = next((json.loads(p.read_text()) for p in files if p.is_file()), {})
+        args.tau = 5.0 if conf.get("dim", conf.get("hidden_size", 0)) >= 5120 else 10.0
     dropout = {} if args.dropout is None else {"adapter_dropout": args.dropout, "lora_dropout": args.dropout}
     adapter_args = AdapterArgs(method=args.method, tau=args.tau, adapter_dim=args.adapter_dim,
                                lora_rank=args.lora_rank, mix_pool=args.mix_pool, mix_rank=args.mix_rank, **dropout)
