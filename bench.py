@@ -45,9 +45,12 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing
 import resource
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 
@@ -55,9 +58,9 @@ import numpy as np
 import torch
 
 from adapters import METHODS, AdapterArgs, LoRALinear, MixLoRALinear
-from clip_vit import VISION_PRESETS
+from clip_vit import VISION_PRESETS, save_safetensors
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
-from model import IGNORE, LLAMA_PRESETS, build_lavin, count_params
+from model import IGNORE, LLAMA_PRESETS, build_lavin, count_params, load_llama
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the paper claims (Table 6 and the official README's model zoo), and what it trains on
@@ -669,5 +672,77 @@ def main(argv=None) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Peak host memory of loading a Hugging Face checkpoint: python bench.py --load_memory (on its own; Linux)
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:  # fields: size, resident, ... in pages
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _measure_load(folder: str, dtype) -> dict:
+    """Run in a fresh process, so that nothing of the writing lingers in its memory: load, read every weight once (as
+    a real run does: every page becomes resident), and sample the resident memory every millisecond meanwhile."""
+    gc.collect()
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss() - base)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.perf_counter()
+    model = load_llama(folder, dtype=dtype)
+    after_load, seconds = _rss() - base, time.perf_counter() - t0
+    sum(float(p.sum()) for p in model.parameters())  # reads every page of every weight, without a copy
+    done.set()
+    sampler.join()
+    weights = sum(p.nbytes for p in model.parameters())
+    return {"dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "weights_GB": weights / 1e9,
+            "load_s": seconds, "rss_after_load_GB": after_load / 1e9, "peak_rss_GB": peak[0] / 1e9,
+            "peak_over_one_copy": peak[0] / weights}
+
+
+def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[dict]:
+    """
+    Write a random LLaMA (by default 0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention,
+    so that q and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded
+    Hugging Face folder; load it with load_llama twice, keeping bf16 and converting to fp32, each in a fresh process;
+    report the peak growth of its resident memory against one copy of the loaded weights.
+    """
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + f"self_attn.{x}_proj.weight": (dim, dim) for x in "qkvo"}
+        shapes |= {p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim),
+                   p + "mlp.down_proj.weight": (dim, ffn), p + "input_layernorm.weight": (dim,),
+                   p + "post_attention_layernorm.weight": (dim,)}
+    with tempfile.TemporaryDirectory() as folder:
+        names, weight_map = list(shapes), {}
+        for s in range(shards):  # one shard in memory at a time; a layer's tensors straddle shards, as they can
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: torch.randn(shapes[k], dtype=torch.bfloat16) * 0.02 for k in names[s::shards]}
+            save_safetensors(part, f"{folder}/{file}", metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(part, file)
+        with open(f"{folder}/model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+        with open(f"{folder}/config.json", "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
+                       "num_hidden_layers": n_layers, "num_attention_heads": dim // 128, "intermediate_size": ffn,
+                       "rms_norm_eps": 1e-5, "vocab_size": vocab, "hidden_act": "silu"}, f)
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            results = [pool.apply(_measure_load, (folder, dtype)) for dtype in (None, torch.float32)]
+    n = sum(math.prod(s) for s in shapes.values())
+    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B parameters in bf16 safetensors), "
+          f"then every weight read once; peak growth of the process's resident memory:")
+    for r in results:
+        print(f"  to {r['dtype']:<9} {r['weights_GB']:.2f} GB of weights, loaded in {r['load_s']:.1f} s, "
+              f"{r['rss_after_load_GB']:.2f} GB resident after load_llama: peak {r['peak_rss_GB']:.2f} GB = "
+              f"{r['peak_over_one_copy']:.2f} x one copy")
+    return results
+
+
 if __name__ == "__main__":
-    main()
+    load_memory() if sys.argv[1:] == ["--load_memory"] else main()

@@ -18,6 +18,7 @@ Used by train.py, sample.py, evaluate.py, quiz.py; tests: `python -m pytest -q t
 
 import json
 import random
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -30,16 +31,40 @@ from model import IGNORE
 # Tokenizer
 
 
+def tokenizer_path(path) -> Path:
+    """LLaMA's tokenizer.model, given the file or a LLaMA folder: inside it (Hugging Face's layout) or beside it
+    (Meta's downloads keep it next to the 7B/ 13B/ folders)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "tokenizer.model").is_file():
+        return path / "tokenizer.model"
+    if (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path} has tokenizer.json but no tokenizer.model: a byte-level BPE (tiktoken) tokenizer "
+                         f"like Llama-3's, which this project cannot read; it needs a SentencePiece tokenizer.model "
+                         f"(LLaMA-1/2, Vicuna)")
+    return path.parent / "tokenizer.model"
+
+
 class Tokenizer:
-    """Thin SentencePiece wrapper with the interface of the official `lavin/tokenizer.py`."""
+    """Thin SentencePiece wrapper with the interface of the official `lavin/tokenizer.py`. `model_path` is the
+    tokenizer.model file or the LLaMA folder it belongs to (see tokenizer_path)."""
 
     def __init__(self, model_path):
-        path = Path(model_path)
+        path = tokenizer_path(model_path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"tokenizer model not found: {path}. LLaMA's tokenizer.model sits at the root of Meta's LLaMA-1 "
-                f"download (next to the 7B/ 13B/ folders); the generated quiz keeps its own at quiz/tokenizer.model."
+                f"tokenizer model not found: {path}. LLaMA's tokenizer.model sits in a Hugging Face LLaMA folder, or "
+                f"at the root of Meta's download (next to the 7B/ 13B/ folders); the generated quiz keeps its "
+                f"own at quiz/tokenizer.model."
             )
+        with open(path, "rb") as f:
+            head = f.read(64)
+        # Llama-3's tokenizer.model is tiktoken's text format, "<base64 token> <rank>" per line; SentencePiece's is a
+        # binary protobuf and would fail on it with an opaque "could not parse ModelProto"
+        if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.split(b"\n")[0]):
+            raise ValueError(f"{path} is a tiktoken BPE rank file (Llama-3's tokenizer), which this project cannot "
+                             f"read; it needs a SentencePiece tokenizer.model (LLaMA-1/2, Vicuna)")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.n_words = self.sp.vocab_size()  # 32000 for LLaMA
         self.bos_id = self.sp.bos_id()  # 1
@@ -56,11 +81,6 @@ class Tokenizer:
         # Negative ids (IGNORE, official -1 pads) and 0 (our pad and the visual placeholders) are not text.
         # SentencePiece itself drops BOS/EOS, which are control pieces.
         return self.sp.decode([int(i) for i in ids if int(i) > 0])
-
-
-def tokenizer_path(llama_dir) -> Path:
-    """Where LLaMA's tokenizer.model sits for a LLaMA folder: next to the 7B/ 13B/ folders in Meta's LLaMA-1 layout."""
-    return Path(llama_dir).parent / "tokenizer.model"
 
 
 # -----------------------------------------------------------------------------

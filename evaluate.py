@@ -137,7 +137,7 @@ def load_for_inference(path, device, dtype=None, llama_dir=None, clip_path=None,
     the recorded ones (e.g. after moving the weights to another machine).
     """
     model, info = load_trained(load_checkpoint(path), device, dtype, llama_dir, clip_path, tau, clip_every)
-    tok = data.Tokenizer(tokenizer or info["tokenizer"] or data.tokenizer_path(info["llama_dir"]))
+    tok = data.Tokenizer(tokenizer or info["tokenizer"] or info["llama_dir"])  # a folder: its tokenizer.model
     if model.llama.args.vocab_size != tok.n_words:
         raise ValueError(f"the tokenizer has {tok.n_words} pieces but the LLaMA has a "
                          f"{model.llama.args.vocab_size}-row embedding: pass the --tokenizer of that --llama_dir")
@@ -289,10 +289,11 @@ def add_model_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--adapter", default="out/ckpt.pt",
                    help="adapter checkpoint: train.py's ckpt.pt (default: the quick start's) or an official LaVIN .pth")
-    g.add_argument("--llama_dir", help="LLaMA folder (default: what the checkpoint records)")
-    g.add_argument("--clip_path", help="CLIP checkpoint, e.g. OpenAI's ViT-L-14.pt (default: the checkpoint's)")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the checkpoint's; for an official "
-                                       "adapter file, tokenizer.model next to --llama_dir's folder)")
+    g.add_argument("--llama_dir", help="LLaMA folder, Meta's or Hugging Face's (default: what the checkpoint records)")
+    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt, a vision state dict, or a Hugging Face CLIP folder or "
+                                       ".safetensors file (default: the checkpoint's)")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model or a folder holding it (default: the "
+                                       "checkpoint's; for an official adapter file, LLaMA's, in or beside --llama_dir)")
     g.add_argument("--tau", type=float, help="router temperature of an official adapter file (default: 10 for 7B, 5 "
                                              "for 13B, as the official scripts; router.default_tau)")
     g.add_argument("--clip_every", type=int, help="visual tokens of an official adapter file: the class token after "

@@ -4,7 +4,8 @@ LLaMA, written out by hand, and LaVIN: a frozen LLaMA and a frozen CLIP ViT join
 Part 1, LLaMA (Touvron et al. 2023; meta-llama/llama llama/model.py, whose checkpoints load unchanged): pre-norm
 RMSNorm blocks, rotary position embeddings pairing adjacent dimensions, grouped-query attention (LLaMA-2 field
 n_kv_heads), a SwiGLU feed-forward, no biases, untied head. A static KV cache serves prefill and decode with one code
-path (gpt-fast), and `load_llama` reads Meta's `params.json` + `consolidated.*.pth`, merging model-parallel shards.
+path (gpt-fast), and `load_llama` reads Meta's `params.json` + `consolidated.*.pth`, merging model-parallel shards, or
+a Hugging Face folder (transformers' LlamaForCausalLM: LLaMA-1/2, Vicuna), undoing its q/k row permutation.
 
 Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023, §3; luogen1996/LaVIN lavin/model.py, lavin/eval_model.py,
 lavin/generator.py): the sequence (laid out by data.sequence_head) is
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable
-from clip_vit import VISION_PRESETS, VisionTransformer, load_clip
+from clip_vit import VISION_PRESETS, SafeTensors, VisionTransformer, hf_weight_files, load_clip, read_weights
 
 
 # =====================================================================================================================
@@ -226,6 +227,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype), .half(), .to_empty() ... reach every buffer through here. The RoPE tables must stay fp32,
+        # as Meta's freqs_cis does (in bf16 they are off by up to 2e-3): rebuild them on the device they went to.
+        super()._apply(fn, recurse)
+        self.init_rope(self.rope_cos.device)
+        return self
+
     def setup_cache(self, batch: int, slots: int):
         """Allocate a KV cache of `slots` positions for `batch` rows (in the dtype/device of the weights)."""
         if slots > self.rope_cos.shape[0]:
@@ -294,30 +302,124 @@ def merge_shards(shards: list[dict]) -> dict:
     return out
 
 
-def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512) -> Transformer:
-    """
-    Load Meta's layout: `params.json` + `consolidated.00.pth` (+ .01 ... for model-parallel shards). Hyperparameters
-    come from params.json, completed from tensor shapes where it is silent (vocab_size -1, the FFN width, n_kv_heads).
-    The model is built on the meta device and the weights assigned, so nothing is allocated twice (gpt-fast).
-    """
-    ckpt_dir = Path(ckpt_dir)
+# Hugging Face's layout (transformers' LlamaForCausalLM, as its convert_llama_weights_to_hf.py writes it from Meta's)
+_HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                   "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                   "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",  # up is w3, not w2
+                   "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+                   "post_attention_layernorm": "ffn_norm"}
+_HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """model.layers.3.mlp.up_proj.weight -> layers.3.feed_forward.w3.weight; None for a name LLaMA does not have."""
+    p = name.split(".")  # model, layers, N, <module>, weight
+    if p[:2] == ["model", "layers"] and p[-1] == "weight" and ".".join(p[3:-1]) in _HF_LAYER_NAMES:
+        return f"layers.{p[2]}.{_HF_LAYER_NAMES['.'.join(p[3:-1])]}.weight"
+    return _HF_NAMES.get(name)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's q or k rows -> Meta's. convert_llama_weights_to_hf.py permutes each head's rows so that HF's rotate_half,
+    which pairs dimensions (i, i + D/2), rotates the pairs Meta's RoPE forms from (2i, 2i + 1): it lists a head's even
+    rows, then its odd ones. This undoes it. k needs the key/value head count, not the query head count."""
+    rows, cols = w.shape
+    w = w.view(n_heads, 2, rows // n_heads // 2, cols)  # (H, 2, D/2, C): [even rows; odd rows] of each head
+    return w.transpose(1, 2).reshape(rows, cols)  # (H, D/2, 2, C) -> (H·D, C): rows 0, 1, 2, ... interleaved again
+
+
+def hf_llama_args(cfg: dict, where: Path, max_seq_len: int) -> ModelArgs:
+    """config.json -> ModelArgs, refusing what this LLaMA cannot compute faithfully."""
+    arch = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if cfg.get("model_type") != "llama" or arch != ["LlamaForCausalLM"]:
+        raise ValueError(f"{where} describes a {cfg.get('model_type')} model {arch}, not LLaMA: only "
+                         f"LlamaForCausalLM folders (LLaMA-1/2, Vicuna) load here")
+    # transformers 4.x writes rope_theta and rope_scaling at the top level, 5.x both inside rope_parameters
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"{where} asks for RoPE scaling of type {kind!r} (e.g. Llama-3.1), which this model does not "
+                         f"implement: loading it without would rotate every position wrongly")
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    odd = {k: cfg[k] for k in ("attention_bias", "mlp_bias") if cfg.get(k)}
+    odd |= {k: cfg[k] for k, ok in (("hidden_act", "silu"), ("head_dim", dim // heads)) if cfg.get(k, ok) != ok}
+    if odd:
+        raise ValueError(f"{where} has {odd}: not LLaMA's architecture (no biases, SwiGLU, head size hidden/heads)")
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    # vocab_size and the FFN width are taken from the tensors, as for Meta's layout
+    return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
+                     n_kv_heads=cfg.get("num_key_value_heads") or heads, norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=theta, max_seq_len=max_seq_len)
+
+
+def read_hf_llama(folder: Path, args: ModelArgs, tied: bool, device, dtype) -> dict:
+    """The tensors of an HF folder under Meta's names, q/k un-permuted, each cast and moved as soon as it is read, so
+    that the peak stays near one copy of the weights (the mapped file's pages of a copied tensor are dropped)."""
+    sd = {}
+    for file in hf_weight_files(folder):
+        shard = read_weights(file)
+        for name in list(shard):
+            meta = hf_to_meta_name(name)
+            if meta is None:
+                if name.endswith("rotary_emb.inv_freq"):  # saved by 2023-era transformers; recomputed here
+                    continue
+                raise ValueError(f"{file}: tensor {name} has no counterpart in LLaMA (biases or other norms mean "
+                                 f"another architecture); refusing rather than dropping it")
+            src = shard[name]
+            heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(meta.split(".")[-2])  # k: key/value heads
+            t = src if heads is None else unpermute(src, heads)
+            sd[meta] = t.to(device=device, dtype=dtype or t.dtype)
+            if isinstance(shard, SafeTensors) and sd[meta].data_ptr() != src.data_ptr():
+                shard.release(name)  # copied out: its pages of the mapped file are not needed again
+    if tied and "output.weight" not in sd:  # tie_word_embeddings: the head is the embedding, not saved twice
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
+    """Meta's layout: params.json + consolidated.00.pth (+ .01 ... for model-parallel shards, merged here)."""
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
-        raise FileNotFoundError(f"{params_path} not found: --llama_dir must be a Meta-layout folder holding "
-                                f"params.json and consolidated.*.pth (e.g. .../LLaMA/7B)")
+        raise FileNotFoundError(f"neither params.json nor config.json in {ckpt_dir}: --llama_dir must be a Meta-layout "
+                                f"folder (params.json + consolidated.*.pth, e.g. .../LLaMA/7B) or a Hugging Face one "
+                                f"(config.json + model*.safetensors, e.g. a download of meta-llama/Llama-2-7b-hf)")
     shard_paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not shard_paths:
         raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}: expected Meta's checkpoint shards there")
     params = json.loads(params_path.read_text())
+    if params.get("use_scaled_rope"):
+        raise ValueError(f"{params_path} sets use_scaled_rope (Llama-3.1/3.2), a RoPE scaling this model does not "
+                         f"implement: loading it without would rotate every position wrongly")
+    known = {f.name for f in fields(ModelArgs)}
+    unknown = sorted(params.keys() - known - {"use_scaled_rope"})
+    if unknown:
+        raise ValueError(f"{params_path} has keys this loader does not understand: {unknown}; refusing rather than "
+                         f"ignoring what they may change")
     shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shard_paths]
     sd = merge_shards(shards)
     sd.pop("rope.freqs", None)
-    if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
-        raise ValueError(f"{shard_paths[0]} does not look like a Meta LLaMA checkpoint (no tok_embeddings / w1 keys)")
-
-    known = {f.name for f in fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in params.items() if k in known and v is not None})
     args.max_seq_len = max(max_seq_len, params.get("max_seq_len") or 0)
+    return args, sd
+
+
+def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512) -> Transformer:
+    """
+    Load Meta's layout (params.json + consolidated.*.pth) or Hugging Face's, told apart by its config.json (with
+    model.safetensors, its shards and index, or pytorch_model*.bin). Hyperparameters come from the config, completed
+    from tensor shapes where it is silent (vocab_size -1, the FFN width, n_kv_heads). The model is built on the meta
+    device and the weights assigned, so nothing is allocated twice (gpt-fast).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "config.json").is_file():
+        cfg = json.loads((ckpt_dir / "config.json").read_text())
+        args = hf_llama_args(cfg, ckpt_dir / "config.json", max_seq_len)
+        sd = read_hf_llama(ckpt_dir, args, cfg.get("tie_word_embeddings", False), device, dtype)
+    else:
+        args, sd = read_meta_llama(ckpt_dir, max_seq_len)
+    if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
+        raise ValueError(f"the checkpoint in {ckpt_dir} does not look like LLaMA (no tok_embeddings / w1 tensors)")
     args.vocab_size = sd["tok_embeddings.weight"].shape[0]  # params.json says -1 in LLaMA-1
     if args.hidden_dim is None:
         args.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]  # the FFN width as stored wins
@@ -336,10 +438,10 @@ def check_shapes(expected: dict, got: dict, where: str):
     """Name every missing, unexpected or mis-shaped tensor, with both shapes, before load_state_dict gives a vaguer error."""
     problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in expected.items() if k not in got]
     problems += [f"unexpected tensor {k}" for k in got if k not in expected]
-    problems += [f"tensor {k}: checkpoint has {tuple(got[k].shape)}, params.json implies {tuple(v.shape)}"
+    problems += [f"tensor {k}: checkpoint has {tuple(got[k].shape)}, its config implies {tuple(v.shape)}"
                  for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
     if problems:
-        raise ValueError(f"checkpoint in {where} does not match its params.json:\n  " + "\n  ".join(problems[:10]))
+        raise ValueError(f"checkpoint in {where} does not match its config:\n  " + "\n  ".join(problems[:10]))
 
 
 # =====================================================================================================================
@@ -602,8 +704,8 @@ def build_lavin(llama_preset="tiny", vision_preset="tiny", adapter_args: Adapter
 
 def load_lavin(llama_dir, clip_path, adapter_args: AdapterArgs, device="cpu", dtype=None, max_seq_len: int = 512,
                clip_every: int = 4) -> LaVIN:
-    """LaVIN on pretrained backbones (a LLaMA folder, a CLIP file), frozen in `dtype` (None keeps fp32), with fresh
-    adapters in fp32 (their master weights; autocast computes in bf16 on GPU)."""
+    """LaVIN on pretrained backbones: LLaMA and CLIP in Meta's / OpenAI's layouts or Hugging Face's, frozen in `dtype`
+    (None keeps fp32), with fresh adapters in fp32 (their master weights; autocast computes in bf16 on GPU)."""
     llama = load_llama(llama_dir, device, dtype, max_seq_len)
     visual = load_clip(clip_path, device, clip_every).requires_grad_(False)
     if dtype is not None:

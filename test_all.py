@@ -749,7 +749,7 @@ def test_load_clip_errors(tmp_path):
     with pytest.raises(ValueError, match="not a CLIP ViT vision checkpoint.*conv1.weight"):
         load_clip(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint" * 10)
-    with pytest.raises(ValueError, match="cannot read CLIP checkpoint"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*junk\.pt"):
         load_clip(tmp_path / "junk.pt")
 
 
@@ -1704,3 +1704,317 @@ def test_cpu_side_by_side_run(capsys, tmp_path):
     mma_rows = {r["model"]: r["trainable"] for r in parsed["params"] if r["method"] == "MMA (LaVIN)"}
     assert mma_rows == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
     assert result["train"][0]["label"] == "MMA (LaVIN)"
+
+
+# =====================================================================================================================
+# --- Hugging Face and safetensors loading (clip_vit.py, model.py) ---
+# =====================================================================================================================
+
+import re  # noqa: E402  (this section's own imports)
+from dataclasses import replace  # noqa: E402
+from clip_vit import SAFETENSORS_DTYPES, SafeTensors, save_safetensors  # noqa: E402
+
+
+def _raw_safetensors(path, header: dict, data: bytes, n=None):
+    """A hand-made file: header length (or a forced, wrong one), JSON header, data bytes."""
+    head = json.dumps(header).encode()
+    path.write_bytes((len(head) if n is None else n).to_bytes(8, "little") + head + data)
+    return path
+
+
+def test_safetensors_round_trip_every_dtype(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t_{name}": torch.randint(0, 256, (3, 4 * dt.itemsize), dtype=torch.uint8, generator=gen).view(dt)
+               for name, dt in SAFETENSORS_DTYPES.items() if dt != torch.bool}  # random bit patterns, NaNs included
+    tensors |= {"t_BOOL": torch.rand(2, 5, generator=gen) > 0.5, "scalar": torch.tensor(2.5),  # CLIP's logit_scale
+                "empty": torch.zeros(0, 7, dtype=torch.float16), "int64_ids": torch.arange(5)[None]}
+    save_safetensors(tensors, tmp_path / "all.safetensors", metadata={"format": "pt"})
+    f = SafeTensors(tmp_path / "all.safetensors")
+    assert f.metadata == {"format": "pt"} and sorted(f) == sorted(tensors)
+    for name, want in tensors.items():
+        got = f[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name  # bit-exact
+    assert f["t_F32"].data_ptr() == f["t_F32"].data_ptr()  # a view of the mapped file each time, never a copy
+    # the reference writer's layout: header padded to a multiple of 8, every tensor aligned to its item size
+    n = int.from_bytes((tmp_path / "all.safetensors").read_bytes()[:8], "little")
+    assert n % 8 == 0 and all(f._entries[k][2] % f[k].element_size() == 0 for k in f)
+
+
+def test_safetensors_errors_name_file_and_entry(tmp_path):
+    save_safetensors({"a": torch.ones(4, 4), "b": torch.ones(3)}, tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: entry 'b': bytes \[64, 76\) lie outside the data section"):
+        SafeTensors(tmp_path / "cut.safetensors")
+    f32 = lambda shape, b, e: {"dtype": "F32", "shape": shape, "data_offsets": [b, e]}
+    _raw_safetensors(tmp_path / "overlap.safetensors", {"x": f32([4], 0, 16), "y": f32([4], 8, 24)}, bytes(24))
+    with pytest.raises(ValueError, match=r"overlap\.safetensors: entry 'y' overlaps entry 'x'"):
+        SafeTensors(tmp_path / "overlap.safetensors")
+    _raw_safetensors(tmp_path / "shape.safetensors", {"w": f32([2, 3], 0, 16)}, bytes(16))
+    with pytest.raises(ValueError, match=r"shape\.safetensors: entry 'w': shape \[2, 3\] of F32 needs 24 bytes, but "
+                                         r"data_offsets span 16"):
+        SafeTensors(tmp_path / "shape.safetensors")
+    _raw_safetensors(tmp_path / "dtype.safetensors", {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}},
+                     bytes(1))
+    with pytest.raises(ValueError, match=r"dtype\.safetensors: entry 'w': unknown dtype 'F4'"):
+        SafeTensors(tmp_path / "dtype.safetensors")
+    _raw_safetensors(tmp_path / "length.safetensors", {"w": f32([1], 0, 4)}, bytes(4), n=10**6)
+    with pytest.raises(ValueError, match=r"length\.safetensors: bad safetensors header length 1000000"):
+        SafeTensors(tmp_path / "length.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match=r"tiny\.safetensors: truncated"):
+        SafeTensors(tmp_path / "tiny.safetensors")
+    _raw_safetensors(tmp_path / "json.safetensors", {"w": f32([1], 0, 4)}, bytes(4), n=5)  # cuts the JSON short
+    with pytest.raises(ValueError, match=r"json\.safetensors: the safetensors header is not valid JSON"):
+        SafeTensors(tmp_path / "json.safetensors")
+
+
+def hf_permute(w, n_heads):
+    """convert_llama_weights_to_hf.py's permute(w, n_heads, dim1, dim2), as written there: Meta's q/k rows -> HF's."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+_TO_HF = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+          "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+          "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def save_hf_llama(path: Path, sd: dict, args: ModelArgs, shards=1, fmt="safetensors", tied=False, permute=True,
+                  config=None, extra=None):
+    """Write Meta-named weights as transformers' save_pretrained lays out a LlamaForCausalLM: q/k permuted, tied head
+    left out, shards filled so that one layer straddles files, an index naming each tensor's shard."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    hf = {}
+    for k, v in sd.items():
+        if k in top:
+            name = top[k]
+        else:
+            _, i, *module, _ = k.split(".")
+            name = f"model.layers.{i}.{_TO_HF['.'.join(module)]}.weight"
+        heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}.get(k.split(".")[-2])
+        hf[name] = hf_permute(v, heads) if heads and permute else v
+    if tied:
+        del hf["lm_head.weight"]
+    hf |= extra or {}
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+           "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+           "num_key_value_heads": args.n_kv_heads or args.n_heads, "intermediate_size": args.ffn_dim,
+           "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": None,
+           "vocab_size": args.vocab_size, "tie_word_embeddings": tied, "hidden_act": "silu",
+           "max_position_embeddings": 2048, "torch_dtype": "float16"}  # torch_dtype: the headers' dtypes win
+    cfg = {k: v for k, v in (cfg | (config or {})).items() if v is not None or k == "rope_scaling"}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    write = save_safetensors if fmt == "safetensors" else torch.save
+    if shards == 1:
+        write(hf, path / f"{stem}.{ext}")
+        return
+    weight_map = {}
+    for s in range(shards):
+        part = {k: v for j, (k, v) in enumerate(hf.items()) if j % shards == s}
+        write(part, path / f"{stem}-{s + 1:05d}-of-{shards:05d}.{ext}")
+        weight_map |= dict.fromkeys(part, f"{stem}-{s + 1:05d}-of-{shards:05d}.{ext}")
+    total = sum(v.nbytes for v in hf.values())
+    (path / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                "weight_map": weight_map}))
+
+
+def _random_llama(n_kv_heads=None, dtype=torch.float32, tied=False, seed=0):
+    """Random LLaMA weights (norms too, so that nothing is the identity) and their Meta params.json."""
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, multiple_of=16,
+                     norm_eps=1e-5, rope_theta=1e6)  # eps and theta off their defaults: both must be read
+    sd = {k: (v + 0.1 * torch.randn_like(v)).to(dtype) for k, v in Transformer(args).state_dict().items()}
+    if tied:
+        sd["output.weight"] = sd["tok_embeddings.weight"].clone()
+    params = {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": n_kv_heads, "multiple_of": 16, "norm_eps": 1e-5,
+              "rope_theta": 1e6, "vocab_size": -1}
+    return args, sd, params
+
+
+@pytest.mark.parametrize("n_kv_heads, dtype, tied, shards, fmt, config", [
+    (None, torch.float32, False, 1, "safetensors", None),  # LLaMA-1 / Vicuna v1.x: one file, 4.x config
+    (2, torch.bfloat16, False, 3, "safetensors",  # GQA (Llama-2 70B style), sharded, transformers 5.x config
+     {"rope_theta": None, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "bfloat16"}),
+    (None, torch.bfloat16, True, 2, "safetensors", None),  # tied head: no lm_head.weight in the files
+    (2, torch.float32, True, 1, "safetensors", None),
+    (None, torch.float16, False, 2, "bin", None),  # the older pytorch_model-*.bin shards
+])
+def test_hf_llama_equals_meta_layout(tmp_path, n_kv_heads, dtype, tied, shards, fmt, config):
+    args, sd, params = _random_llama(n_kv_heads, dtype, tied)
+    save_meta_layout(tmp_path / "meta", sd, params)
+    save_hf_llama(tmp_path / "hf", sd, args, shards, fmt, tied, config=config)
+    meta, hf = load_llama(tmp_path / "meta"), load_llama(tmp_path / "hf")
+    assert replace(hf.args, multiple_of=16) == meta.args  # multiple_of is moot: both take the FFN width as stored
+    for k, v in meta.state_dict().items():
+        assert v.dtype == dtype and torch.equal(hf.state_dict()[k], v), k
+    tokens = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(tokens), meta(tokens))
+    # the same through the dtype conversion done tensor by tensor while reading
+    a, b = load_llama(tmp_path / "meta", dtype=torch.float32), load_llama(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
+
+
+def test_hf_llama_permutation_is_undone_with_the_kv_head_count(tmp_path):
+    args, sd, params = _random_llama(n_kv_heads=2)
+    save_meta_layout(tmp_path / "meta", sd, params)
+    # negative controls, which load without error: rows not permuted at all, or k permuted with the query head count
+    save_hf_llama(tmp_path / "raw", sd, args, permute=False)
+    by_h = {k: hf_permute(v, 4) if k.endswith(("wq.weight", "wk.weight")) else v for k, v in sd.items()}
+    save_hf_llama(tmp_path / "by_h", by_h, args, permute=False)
+    tokens = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        want = load_llama(tmp_path / "meta")(tokens)
+        for wrong in ("raw", "by_h"):
+            assert (load_llama(tmp_path / wrong)(tokens) - want).abs().max() > 1e-2, wrong
+    # the index form (HF lists a head's even Meta rows, then its odd ones), for one head of size 8
+    assert hf_permute(torch.arange(8.0)[:, None], 1)[:, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def test_hf_llama_missing_shard_is_named(tmp_path):
+    args, sd, _ = _random_llama()
+    save_hf_llama(tmp_path, sd, args, shards=3)
+    (tmp_path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors\.index\.json names shards that are not in .*: "
+                                                r"model-00002-of-00003\.safetensors"):
+        load_llama(tmp_path)
+
+
+def test_hf_bf16_rope_tables_stay_fp32(tmp_path):
+    args, sd, params = _random_llama(dtype=torch.bfloat16)
+    save_hf_llama(tmp_path / "hf", sd, args)
+    save_meta_layout(tmp_path / "meta", sd, params)
+    want = Transformer(replace(args, hidden_dim=args.ffn_dim))  # fp32 tables, as built
+    bf16 = torch.bfloat16
+    for model in (load_llama(tmp_path / "hf", dtype=bf16), load_llama(tmp_path / "meta", dtype=bf16),
+                  Transformer(args).to(bf16), Transformer(args).half()):
+        assert model.tok_embeddings.weight.dtype != torch.float32
+        assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+        assert torch.equal(model.rope_cos, want.rope_cos) and torch.equal(model.rope_sin, want.rope_sin)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}},
+     r"RoPE scaling of type 'llama3' \(e\.g\. Llama-3\.1\)"),
+    ({"rope_theta": None, "rope_parameters": {"rope_type": "llama3", "factor": 32.0, "rope_theta": 5e5}},
+     r"RoPE scaling of type 'llama3'"),  # transformers 5.x keeps it in rope_parameters
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, r"RoPE scaling of type 'linear'"),  # older 4.x spelling
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, r"a mistral model .* not LLaMA"),
+    ({"attention_bias": True}, r"\{'attention_bias': True\}: not LLaMA's architecture"),
+    ({"hidden_act": "gelu"}, r"\{'hidden_act': 'gelu'\}: not LLaMA's architecture"),
+])
+def test_hf_llama_refusals(tmp_path, config, message):
+    args, sd, _ = _random_llama()
+    save_hf_llama(tmp_path, sd, args, config=config)
+    with pytest.raises(ValueError, match=message):
+        load_llama(tmp_path)
+
+
+def test_hf_llama_refuses_tensors_llama_lacks(tmp_path):
+    args, sd, _ = _random_llama()
+    for name in ("model.layers.1.self_attn.q_proj.bias", "model.layers.0.self_attn.q_norm.weight"):  # Qwen2, Qwen3
+        save_hf_llama(tmp_path / name, sd, args, extra={name: torch.zeros(64)})
+        with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} has no counterpart in LLaMA"):
+            load_llama(tmp_path / name)
+    # 2023-era transformers saved rotary_emb.inv_freq in every layer: dropped, as it is recomputed
+    inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    save_hf_llama(tmp_path / "inv_freq", sd, args, extra=inv_freq)
+    assert load_llama(tmp_path / "inv_freq").args.n_layers == 3
+
+
+def test_meta_llama_refusals(tmp_path):
+    args, sd, params = _random_llama()
+    save_meta_layout(tmp_path / "scaled", sd, dict(params, use_scaled_rope=True))
+    with pytest.raises(ValueError, match=r"use_scaled_rope \(Llama-3\.1/3\.2\), a RoPE scaling this model does not"):
+        load_llama(tmp_path / "scaled")
+    save_meta_layout(tmp_path / "moe", sd, dict(params, moe={"num_experts": 8}))
+    with pytest.raises(ValueError, match=r"params\.json has keys this loader does not understand: \['moe'\]"):
+        load_llama(tmp_path / "moe")
+    save_meta_layout(tmp_path / "plain", sd, dict(params, use_scaled_rope=False))  # false is plain RoPE
+    assert load_llama(tmp_path / "plain").args.rope_theta == 1e6
+
+
+def test_tokenizer_found_in_an_hf_folder_and_tiktoken_refused(tmp_path, data_small_quiz):
+    quiz, tok = data_small_quiz
+    hf, meta = tmp_path / "Llama-2-7b-hf", tmp_path / "LLaMA" / "7B"
+    hf.mkdir()
+    meta.mkdir(parents=True)
+    (hf / "tokenizer.model").write_bytes((quiz / "tokenizer.model").read_bytes())
+    (meta.parent / "tokenizer.model").write_bytes((quiz / "tokenizer.model").read_bytes())
+    assert data.tokenizer_path(hf) == hf / "tokenizer.model"  # Hugging Face: inside the folder
+    assert data.tokenizer_path(meta) == meta.parent / "tokenizer.model"  # Meta's LLaMA-1: next to 7B/
+    assert data.Tokenizer(hf).encode("a b", True, True) == tok.encode("a b", True, True)
+    llama3 = tmp_path / "Llama-3-8B"
+    llama3.mkdir()
+    (llama3 / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tokenizer\.json but no tokenizer\.model: .*tiktoken.* cannot read"):
+        data.Tokenizer(llama3)
+    (llama3 / "original").mkdir()
+    (llama3 / "original" / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken's rank format
+    with pytest.raises(ValueError, match=r"tokenizer\.model is a tiktoken BPE rank file \(Llama-3's tokenizer\)"):
+        data.Tokenizer(llama3 / "original")
+
+
+def to_hf_clip(openai: dict, text_tower=True) -> dict:
+    """OpenAI CLIP weights (`visual.*`) -> the names and layouts of transformers' CLIPModel (text_tower=True, with
+    stand-in text tensors and the legacy position_ids of both towers) or CLIPVisionModelWithProjection."""
+    ren = [("conv1.", "embeddings.patch_embedding."), ("class_embedding", "embeddings.class_embedding"),
+           ("positional_embedding", "embeddings.position_embedding.weight"), ("ln_pre.", "pre_layrnorm."),
+           ("ln_post.", "post_layernorm."), ("transformer.resblocks.", "encoder.layers."), (".attn.", ".self_attn."),
+           (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".c_fc.", ".fc1."), (".c_proj.", ".fc2.")]
+    hf = {}
+    for key, v in openai.items():
+        if not key.startswith("visual."):
+            continue
+        key = key[len("visual."):]
+        if key == "proj":
+            hf["visual_projection.weight"] = v.t().contiguous()  # a Linear(W, out) weight
+            continue
+        for old, new in ren:
+            key = key.replace(old, new)
+        if key.endswith(("in_proj_weight", "in_proj_bias")):
+            kind = "weight" if key.endswith("weight") else "bias"
+            for name, part in zip("qkv", v.chunk(3)):
+                hf["vision_model." + key.replace(f"in_proj_{kind}", f"{name}_proj.{kind}")] = part.contiguous()
+        else:
+            hf["vision_model." + key] = v
+    if text_tower:
+        n = hf["vision_model.embeddings.position_embedding.weight"].shape[0]
+        hf |= {"vision_model.embeddings.position_ids": torch.arange(n)[None],
+               "text_model.embeddings.position_ids": torch.arange(7)[None],
+               "text_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(32, 32),
+               "text_projection.weight": torch.randn(48, 32), "logit_scale": torch.tensor(4.6052)}
+    return hf
+
+
+def test_hf_clip_folder_and_file_equal_openai_layout(tmp_path, monkeypatch):
+    ref = _ref_clip()
+    torch.save(ref.state_dict(), tmp_path / "openai.pt")
+    hf_dir = tmp_path / "clip-vit-hf"
+    hf_dir.mkdir()
+    save_safetensors(to_hf_clip(ref.state_dict()), hf_dir / "model.safetensors", metadata={"format": "pt"})
+    vision = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 12, "num_attention_heads": 2,
+              "patch_size": 8, "image_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+    (hf_dir / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"], "model_type": "clip",
+                                                    "projection_dim": 48, "vision_config": vision}))
+    save_safetensors(to_hf_clip(ref.state_dict(), text_tower=False), tmp_path / "vision_only.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # the package is not needed (and not importable here)
+    images = torch.randn(3, 3, 32, 32)
+    want = load_clip(tmp_path / "openai.pt")
+    with torch.no_grad():
+        want_emb, want_tokens = want.encode_image(images), want(images)
+        for path in (hf_dir, tmp_path / "vision_only.safetensors"):
+            model = load_clip(path)
+            assert model.args == want.args
+            assert torch.equal(model.encode_image(images), want_emb) and torch.equal(model(images), want_tokens)
+    vision["hidden_act"] = "gelu"  # e.g. an OpenCLIP conversion
+    (hf_dir / "config.json").write_text(json.dumps({"vision_config": vision}))
+    with pytest.raises(ValueError, match=r"config\.json says hidden_act 'gelu', but this tower computes QuickGELU"):
+        load_clip(hf_dir)

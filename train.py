@@ -49,9 +49,12 @@ from router import default_tau
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("base weights (leave all empty for the quick start's pre-trained tiny stand-ins)")
-    g.add_argument("--llama_dir", help="LLaMA folder, Meta's layout: params.json + consolidated.*.pth")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: LLaMA's, next to --llama_dir)")
-    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt (TorchScript archive) or a vision state dict")
+    g.add_argument("--llama_dir", help="LLaMA folder: Meta's (params.json + consolidated.*.pth) or Hugging Face's "
+                                       "(config.json + model*.safetensors)")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model or a folder holding it (default: LLaMA's, in "
+                                       "or next to --llama_dir)")
+    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt (TorchScript archive), a vision state dict, or a "
+                                       "Hugging Face CLIP folder or .safetensors file")
     g.add_argument("--clip_every", type=int, default=4, help="visual tokens: CLIP's class token after every Nth block "
                    "(4 as the official code: 6 tokens from ViT-L/14's 24 blocks)")
     g = p.add_argument_group("data")
