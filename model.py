@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters
+from adapters import AdapterArgs, LoRALinear, NF4Weight, fold_mma_into_qkv, inject_adapters
 from clip_vit import VISION_PRESETS, VisionArgs, VisionTransformer, load_clip
 from data import IGNORE, N_VISUAL
 
@@ -478,8 +478,9 @@ class LaVIN(nn.Module):
                 layer.adapter_attn = None
         elif method == "lora":
             for mod in self.llama.modules():
-                if isinstance(mod, LoRALinear):
-                    saved.append((mod, None, mod.weight.detach().cpu().clone()))
+                if isinstance(mod, LoRALinear):  # a 4-bit weight is replaced by the merge, not changed: keep it as is
+                    w = mod.weight
+                    saved.append((mod, None, w if isinstance(w, NF4Weight) else w.detach().cpu().clone()))
                     mod.merge()
         self._unmerged, self.merged_modality = saved, modality
 
@@ -489,7 +490,11 @@ class LaVIN(nn.Module):
             return
         for owner, adapter, originals in self._unmerged:
             if isinstance(owner, LoRALinear):
-                owner.weight.copy_(originals.to(owner.weight.device))
+                if isinstance(originals, NF4Weight):
+                    del owner.weight  # the dequantized, merged copy
+                    owner.weight = originals
+                else:
+                    owner.weight.copy_(originals.to(owner.weight.device))
                 owner.merged = False
             else:
                 dev = owner.attention.wo.weight.device
