@@ -34,7 +34,9 @@ import evaluate
 import quiz as quizgen
 import sample
 import train
-from adapters import AdapterArgs, MMAdapter, convert_official_lavin, load_trainable, trainable_state_dict
+from adapters import (DYN_MAP, DYN_MIDPOINTS, NF4_LEVELS, NF4_THRESHOLDS, AdapterArgs, LoRALinear, MMAdapter, NF4Linear,
+                      NF4Weight, convert_official_lavin, dynamic_codes, load_trainable, nf4_nbytes, quantize_llama_,
+                      quantize_nf4, trainable_state_dict)
 from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VISION_PRESETS, VisionArgs, VisionTransformer,
                       convert_openai_state_dict, load_clip, load_image, preprocess, to_openai_state_dict)
 from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params,
@@ -390,6 +392,255 @@ def test_checkpoint_round_trip():
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), k
     assert count_params(a) == count_params(b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- NF4 / QLoRA (adapters.py) ---
+
+def _hex(values: str) -> torch.Tensor:
+    return torch.tensor([int(h, 16) for h in values.split()], dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _scales(q) -> torch.Tensor:
+    """The per-block scale â a quantized weight dequantizes with, from its stored state."""
+    if q.nested_absmax is None:
+        return q.absmax
+    return DYN_MAP[q.absmax.long()] * q.nested_absmax.repeat_interleave(256)[:len(q.absmax)] + q.nested_offset
+
+
+def test_nf4_tables():
+    assert torch.equal(NF4_THRESHOLDS, _hex("bf591cd8 bf1c5270 beeb8480 beadea76 be703cec be0d38bc bd3a7871 3d22faff "
+                                            "3df64862 3e5067e0 3e9582d4 3ec753f9 3f006d04 3f248daf 3f5c89da"))
+    # bnb's create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), every step in fp32
+    vals = [torch.zeros(1), torch.ones(1)]
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        vals += [10 ** (i - 6) * means, -(10 ** (i - 6)) * means]
+    assert torch.equal(DYN_MAP, torch.cat(vals).sort().values)
+    assert DYN_MAP[0] == _hex("bf7e3333") and DYN_MAP[127] == 0 and DYN_MAP[255] == 1  # -0.99296875: no -1
+    m = DYN_MIDPOINTS
+    y = torch.stack([m[126], m[127], torch.nextafter(m[127], torch.tensor(1.0)), torch.tensor(-1.0), torch.tensor(1.0)])
+    assert dynamic_codes(y).tolist() == [126, 128, 128, 0, 255]  # exact ties go to the even index
+
+
+def test_nf4_golden_codes_and_values():
+    """Hand-computed: block absmax 1 (so x·(1/absmax) = x exactly), values on every threshold (a tie takes the lower
+    code) and one ulp above; a block of absmax 2; a partial, odd-length last block of absmax 3."""
+    up = torch.nextafter(NF4_THRESHOLDS, torch.tensor(2.0))
+    b0 = torch.cat([torch.tensor([1.0]), NF4_THRESHOLDS, up, torch.tensor([0.0, -1.0]), torch.zeros(31)])  # (64,)
+    last = torch.tensor([3.0, -3.0, 0.0, 1.5, 0.0])  # 1.5/3 = 0.5 < T_12 = 0.50166: code 12
+    w = torch.cat([b0, 2 * b0, last])  # (133,): blocks of absmax 1, 2, 3
+    c0 = [15] + list(range(15)) + list(range(1, 16)) + [7, 0] + [7] * 31
+    codes = c0 + c0 + [15, 0, 7, 12, 7] + [7]  # + the padding nibble of an odd length
+    q = quantize_nf4(w, double_quant=False)
+    assert q.packed.shape == (67, 1) and q.packed.dtype == torch.uint8
+    assert q.packed[:3, 0].tolist() == [0xF0, 0x12, 0x34]  # the earlier element in the high nibble
+    assert q.packed[-3:, 0].tolist() == [0xF0, 0x7C, 0x77]
+    assert q.packed.view(-1).tolist() == [a << 4 | b for a, b in zip(codes[0::2], codes[1::2])]
+    assert q.absmax.tolist() == [1.0, 2.0, 3.0]
+    d = q.dequantize()
+    assert d[:3].tolist() == [1.0, -1.0, _hex("bf3239b1").item()]  # T_0 -> code 0 (-1), T_1 -> code 1 (-0.6961928)
+    assert d[16].item() == _hex("bf3239b1").item() and d[31].item() == 0 and d[32].item() == -1.0  # T_0 + 1 ulp -> 1
+    assert d[-5:].tolist() == [3.0, -3.0, 0.0, (_hex("3ee1a4b8") * 3).item(), 0.0]
+    # Double quantization: mean(absmax) = 2, v = (-1, 0, 1), one group of scale 1 -> 8-bit codes 0, 127, 255. The map
+    # has no -1, so block 0 is rescaled by 2 - 0.99296875 ≈ 1.00703; block 2, the group's largest, keeps 3 exactly.
+    q2 = quantize_nf4(w)
+    assert torch.equal(q2.packed, q.packed)
+    assert q2.absmax.tolist() == [0, 127, 255] and q2.nested_absmax.tolist() == [1.0] and q2.nested_offset == 2.0
+    d2 = q2.dequantize()
+    a0 = _hex("bf7e3333") * 1.0 + 2.0  # fp32, two roundings
+    assert d2[0] == a0 and d2[2] == _hex("bf3239b1") * a0 and d2[-5] == 3.0
+    assert torch.equal(d2[64:128], d[64:128]) and torch.equal(d2[128:], d[128:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 160), (300, 70), (7, 33), (1000,), (2, 3, 100), (129, 256)])
+def test_nf4_round_trip(shape, dtype):
+    """|Ŵ - W| ≤ half the widest level gap × the block's absmax, plus |â - absmax| with double quantization;
+    bf16 is quantized as its exact fp32 widening and dequantizes with one rounding of the fp32 result."""
+    torch.manual_seed(0)
+    w = (0.02 * torch.randn(shape)).to(dtype)
+    x = F.pad(w.float().flatten(), (0, -w.numel() % 64)).view(-1, 64)  # (blocks, 64)
+    absmax = x.abs().amax(1, keepdim=True)
+    half_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2  # 0.152, between -1 and -0.696
+    for dq in (False, True):
+        q = quantize_nf4(w, double_quant=dq)
+        assert q.dequantize().dtype == dtype and q.dequantize().shape == w.shape
+        d = F.pad(q.dequantize(torch.float32).flatten(), (0, -w.numel() % 64)).view(-1, 64)
+        bound = half_gap * absmax + (_scales(q)[:, None] - absmax).abs()
+        assert ((d - x).abs() <= bound * (1 + 1e-6)).all()
+        assert torch.equal(q.dequantize(torch.bfloat16), q.dequantize(torch.float32).to(torch.bfloat16))
+        assert torch.equal(quantize_nf4(w.float(), double_quant=dq).packed, q.packed)
+        assert q.nbytes == sum(t.numel() * t.element_size() for t in q.state_dict().values())
+
+
+def test_nf4_zeros_stay_zero():
+    torch.manual_seed(0)
+    w = torch.randn(5 * 64 + 10)
+    w[::7] = 0
+    w[64:128] = 0  # an all-zero block
+    w[-10:] = 0  # an all-zero partial last block
+    for dq in (False, True):
+        d = quantize_nf4(w, double_quant=dq).dequantize()
+        assert (d[w == 0] == 0).all()
+        assert (quantize_nf4(torch.zeros(3, 50), double_quant=dq).dequantize() == 0).all()
+
+
+def test_nf4_size():
+    for dq, bits in ((True, 4 + 8 / 64 + 32 / (64 * 256)), (False, 4.5)):
+        q = quantize_nf4(torch.randn(4096, 4096), double_quant=dq)
+        assert abs(8 * q.nbytes / 4096 ** 2 - bits) < 1e-5  # ≈ 4.127 and 4.5 (+ the 4-byte offset)
+    with torch.device("meta"):
+        lin = nn.Linear(11008, 4096, bias=False)  # shapes only
+    assert nf4_nbytes(lin.weight.shape) == 11008 * 4096 // 2 + 11008 * 64 + 4 * 11008 * 64 // 256 + 4
+
+
+def test_nf4_linear_forward_backward():
+    torch.manual_seed(0)
+    lin = NF4Linear.from_linear(nn.Linear(70, 33, bias=False))
+    assert list(lin.parameters()) == [] and sorted(lin.state_dict()) == [
+        "weight.absmax", "weight.nested_absmax", "weight.nested_offset", "weight.packed"]
+    W = lin.weight.dequantize(torch.float32)
+    x = torch.randn(2, 5, 70, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = lin(x)
+    assert saved == []  # neither a dequantized weight nor the input waits for backward
+    assert torch.equal(y, F.linear(x, W))
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g @ W)
+    xb = x.detach().bfloat16()
+    assert torch.equal(lin(xb), F.linear(xb, lin.weight.dequantize(torch.bfloat16)))
+    lin.to(torch.bfloat16)  # casting the module keeps the fp32 statistics exact
+    assert lin.weight.nested_absmax.dtype == torch.float32 and torch.equal(lin.weight.dequantize(torch.float32), W)
+    assert torch.equal(lin.to_linear(torch.float32).weight, W)
+    with pytest.raises(ValueError, match="bias-free"):
+        NF4Linear.from_linear(nn.Linear(4, 4))
+
+
+def _frozen_weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".packed")}
+
+
+@pytest.mark.parametrize("method", ["lora", "mma"])
+def test_qlora_and_lite_train(method):
+    """QLoRA (LoRA on NF4) and LaVIN-lite (MMA on NF4) train with a falling loss; checkpoints and requires_grad are
+    exactly those of the full-precision model, the 4-bit base never changes."""
+    model = tiny_lavin(method)
+    keys = trainable_state_dict(model).keys()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    quantize_llama_(model)
+    att = model.llama.layers[0].attention
+    assert isinstance(att.wq.weight, NF4Weight) and isinstance(model.llama.layers[1].feed_forward.w2.weight, NF4Weight)
+    assert isinstance(att.wq, LoRALinear if method == "lora" else NF4Linear)
+    assert trainable_state_dict(model).keys() == keys == trainable
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    base = _frozen_weights(model)
+    tokens, has_image, vis_mask, images, labels = make_batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ls = []
+    for _ in range(4):
+        loss = model.train()(tokens, has_image, vis_mask, images, labels=labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ls.append(loss.item())
+    assert ls[-1] < ls[0], ls
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+
+
+def test_quantize_before_or_after_injection():
+    """Quantizing the loaded base before LaVIN injects LoRA (the load path) equals quantizing a built model."""
+    after = tiny_lavin("lora", randomize=False)
+    llama = Transformer(after.llama.args)
+    llama.load_state_dict({k: v for k, v in after.llama.state_dict().items() if "lora" not in k})
+    quantize_llama_(after)
+    before = LaVIN(quantize_llama_(llama), after.visual, AdapterArgs(method="lora", lora_rank=4))
+    load_trainable(before, trainable_state_dict(after))
+    before.adapter_modality_embedding.load_state_dict(after.adapter_modality_embedding.state_dict())  # frozen in LoRA
+    tokens, has_image, vis_mask, images, _ = make_batch()
+    with torch.no_grad():
+        a, b = before.eval()(tokens, has_image, vis_mask, images), after.eval()(tokens, has_image, vis_mask, images)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="--method full"):
+        quantize_llama_(tiny_lavin("full"))
+    with pytest.raises(ValueError, match="--method full"):
+        LaVIN(llama, after.visual, AdapterArgs(method="full"))
+
+
+@pytest.mark.parametrize("method", ["mma", "lora"])
+def test_adapters_fold_into_a_4bit_base(method):
+    """merge() dequantizes the affected weights once and folds into them; unmerge() puts the 4-bit weights back."""
+    model = quantize_llama_(tiny_lavin(method)).eval()
+    tokens, has_image, _, _, _ = make_batch()
+    with torch.no_grad():
+        ref = model(tokens[:1], has_image[:1])
+        gen = model.generate([[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
+        model.merge(0)
+        assert isinstance(model.llama.layers[0].attention.wq.weight, nn.Parameter)  # a dense, merged copy
+        torch.testing.assert_close(model(tokens[:1], has_image[:1]), ref, rtol=1e-4, atol=1e-4)
+        assert model.generate([[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
+        model.unmerge()
+        assert isinstance(model.llama.layers[0].attention.wq.weight, NF4Weight)
+        assert torch.equal(model(tokens[:1], has_image[:1]), ref)
+
+
+def _nf4_steps(model, rows, world=1, steps=3):
+    """A few SGD steps of a 4-bit model on the given rows of a fixed batch; the loss is the sum over this rank's
+    labelled tokens divided by the global count (× world: DDP and FSDP2 average the gradients over ranks)."""
+    tokens, has_image, vis_mask, images, labels = make_batch()
+    rows = torch.tensor(rows)
+    img_idx = has_image.cumsum(0) - 1  # each image row's index into `images`
+    imgs = images[img_idx[rows][has_image[rows] == 1]]
+    n_global = (labels != data.IGNORE).sum() * 4 // 3  # the global batch of 4 rows: (0, 1) and (0, 2)
+    # SGD: its update is linear in the gradient, so summation-order noise stays noise (Adam's first steps would blow a
+    # 1e-9 gradient difference on a near-zero gradient up to a full learning-rate step)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    out = []
+    for _ in range(steps):
+        loss = model(tokens[rows], has_image[rows], vis_mask[rows], imgs, labels=labels[rows], reduction="sum")
+        opt.zero_grad()
+        (loss * world / n_global).backward()
+        opt.step()
+        out.append(loss.detach() / n_global)
+    return torch.stack(out)
+
+
+def _nf4_worker(rank, world, port):
+    """Every rank: one process's reference on the global batch, then DDP and FSDP2 (train.py's wrap_model) on half
+    each, for QLoRA and LaVIN-lite. Losses and the trained adapters must agree; the 4-bit base stays whole."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for method in ("lora", "mma"):
+            make = lambda: quantize_llama_(tiny_lavin(method, lora_dropout=0.0, adapter_dropout=0.0)).train()  # noqa
+            ref_model = make()
+            ref = _nf4_steps(ref_model, [0, 1, 0, 2])
+            for fsdp in (False, True):
+                model = make()
+                wrapped = wrap_model(model, Namespace(fsdp=fsdp, grad_ckpt=False, compile=False), torch.device("cpu"),
+                                     world)
+                got = _nf4_steps(wrapped, [[0, 1], [0, 2]][rank], world)
+                dist.all_reduce(got)
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+                a, b = trainable_state_dict(model), trainable_state_dict(ref_model)
+                assert a.keys() == b.keys()
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+                packed = model.llama.layers[0].attention.wq.weight.packed  # replicated, not a DTensor shard
+                assert type(packed) is torch.Tensor
+                assert torch.equal(packed, ref_model.llama.layers[0].attention.wq.weight.packed)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nf4_under_ddp_and_fsdp2():
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_nf4_worker, args=(2, port), nprocs=2)
 
 
 # =====================================================================================================================
