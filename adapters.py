@@ -279,17 +279,22 @@ def quantize_llama_(model: nn.Module, blocksize: int = 64, double_quant: bool = 
     """
     if getattr(getattr(model, "adapter_args", None), "method", None) == "full":
         raise ValueError(FULL_NF4_ERROR)
-    llama = getattr(model, "llama", model)
-    for layer in llama.layers:
-        for path in LORA_TARGETS.values():
-            parent_name, attr = path.split(".")
-            parent = getattr(layer, parent_name)
-            lin = getattr(parent, attr)
-            if type(lin) is nn.Linear:
-                setattr(parent, attr, NF4Linear.from_linear(lin, blocksize, double_quant))
-            else:  # a LoRA / MixLoRA linear: it keeps its factors and adopts the 4-bit weight
-                adopt_frozen(lin, NF4Linear(quantize_nf4(lin.weight, blocksize, double_quant)))
+    for layer in getattr(model, "llama", model).layers:
+        quantize_block_(layer, blocksize, double_quant)
     return model
+
+
+def quantize_block_(layer: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """One LLaMA block's seven linears become NF4, in place (model.load_llama streams a checkpoint through this)."""
+    for path in LORA_TARGETS.values():
+        parent_name, attr = path.split(".")
+        parent = getattr(layer, parent_name)
+        lin = getattr(parent, attr)
+        if type(lin) is nn.Linear:
+            setattr(parent, attr, NF4Linear.from_linear(lin, blocksize, double_quant))
+        else:  # a LoRA / MixLoRA linear: it keeps its factors and adopts the 4-bit weight
+            adopt_frozen(lin, NF4Linear(quantize_nf4(lin.weight, blocksize, double_quant)))
+    return layer
 
 
 def adopt_frozen(lin: nn.Linear, base: nn.Module):

@@ -129,20 +129,18 @@ def format_table(scores: dict) -> str:
 # =====================================================================================================================
 # Loading a trained model for inference (sample.py's too)
 
-def load_for_inference(path, device, dtype=None, llama_dir=None, clip_path=None, tokenizer=None, tau=None,
-                       data_dir=None, clip_every=None):
+def load_for_inference(path, device, dtype=None, overrides: dict | None = None):
     """
     A checkpoint (train.py's, or an official LaVIN adapter file) -> (model in eval mode, tokenizer, info): info says
-    how the model was trained (norm, prompt_format, data_dir, chat, image_size, n_visual). Paths given here win over
-    the recorded ones (e.g. after moving the weights to another machine).
+    how the model was trained (model.load_trained's, plus image_size and n_visual). `overrides` (llama_dir,
+    clip_path, tokenizer, tau, clip_every, quant, data_dir; None values ignored) win over what the checkpoint records.
     """
-    model, info = load_trained(load_checkpoint(path), device, dtype, llama_dir, clip_path, tau, clip_every)
-    tok = data.Tokenizer(tokenizer or info["tokenizer"] or info["llama_dir"])  # a folder: its tokenizer.model
+    model, info = load_trained(load_checkpoint(path), device, dtype, overrides)
+    tok = data.Tokenizer(info["tokenizer"] or info["llama_dir"])  # a folder: its tokenizer.model, in it or beside it
     if model.llama.args.vocab_size != tok.n_words:
         raise ValueError(f"the tokenizer has {tok.n_words} pieces but the LLaMA has a "
                          f"{model.llama.args.vocab_size}-row embedding: pass the --tokenizer of that --llama_dir")
-    info.update(data_dir=data_dir or info["data_dir"], image_size=model.visual.args.image_size,
-                n_visual=model.visual.args.n_tokens)
+    info.update(image_size=model.visual.args.image_size, n_visual=model.visual.args.n_tokens)
     return model, tok, info
 
 
@@ -298,6 +296,8 @@ def add_model_flags(p: argparse.ArgumentParser):
                                              "for 13B, as the official scripts; router.default_tau)")
     g.add_argument("--clip_every", type=int, help="visual tokens of an official adapter file: the class token after "
                                                   "every Nth CLIP block (default: 4, as the official code)")
+    g.add_argument("--quant", choices=["nf4"], help="run on a 4-bit NF4 base (default: what the checkpoint was "
+                                                    "trained on; README, 'A 4-bit base')")
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default: deterministic and batch-independent); the official eval uses 0.1")
@@ -340,8 +340,9 @@ def inference_setup(args):
         print(f"loading {args.adapter} on {device} ({dtype}) ...", file=sys.stderr)  # stdout: answers only
     frozen = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
-        model, tok, info = load_for_inference(args.adapter, device, frozen, args.llama_dir, args.clip_path,
-                                              args.tokenizer, args.tau, args.data_dir, args.clip_every)
+        over = {k: getattr(args, k) for k in ("llama_dir", "clip_path", "tokenizer", "tau", "clip_every", "quant",
+                                              "data_dir")}
+        model, tok, info = load_for_inference(args.adapter, device, frozen, over)
     except (FileNotFoundError, ValueError) as e:  # missing or mismatched files: the message says what to do
         raise SystemExit(f"error: {e}") from None
     return rank, world, device, model, tok, info

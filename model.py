@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable
+from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable, quantize_block_
 from clip_vit import VISION_PRESETS, SafeTensors, VisionTransformer, hf_weight_files, load_clip, read_weights
 
 
@@ -404,12 +404,14 @@ def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
     return args, sd
 
 
-def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512) -> Transformer:
+def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512, quant: str | None = None) -> Transformer:
     """
     Load Meta's layout (params.json + consolidated.*.pth) or Hugging Face's, told apart by its config.json (with
     model.safetensors, its shards and index, or pytorch_model*.bin). Hyperparameters come from the config, completed
     from tensor shapes where it is silent (vocab_size -1, the FFN width, n_kv_heads). The model is built on the meta
-    device and the weights assigned, so nothing is allocated twice (gpt-fast).
+    device and the weights assigned, so nothing is allocated twice (gpt-fast). quant="nf4": the block linears become
+    4-bit NormalFloat (QLoRA's storage; adapters.quantize_nf4) one block at a time, on the device, as the weights
+    stream in from the mapped file, so the peak stays near the 4-bit size plus one block.
     """
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "config.json").is_file():
@@ -430,6 +432,9 @@ def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512) -> Tr
     check_shapes(model.state_dict(), sd, where=str(ckpt_dir))
     model.load_state_dict(sd, assign=True)
     model.init_rope()
+    if quant == "nf4":  # quantized in the checkpoint's own dtype, as Hugging Face's QLoRA loading does
+        for layer in model.layers:
+            quantize_block_(layer.to(device))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.requires_grad_(False)
 
@@ -703,10 +708,10 @@ def build_lavin(llama_preset="tiny", vision_preset="tiny", adapter_args: Adapter
 
 
 def load_lavin(llama_dir, clip_path, adapter_args: AdapterArgs, device="cpu", dtype=None, max_seq_len: int = 512,
-               clip_every: int = 4) -> LaVIN:
+               clip_every: int = 4, quant: str | None = None) -> LaVIN:
     """LaVIN on pretrained backbones: LLaMA and CLIP in Meta's / OpenAI's layouts or Hugging Face's, frozen in `dtype`
     (None keeps fp32), with fresh adapters in fp32 (their master weights; autocast computes in bf16 on GPU)."""
-    llama = load_llama(llama_dir, device, dtype, max_seq_len)
+    llama = load_llama(llama_dir, device, dtype, max_seq_len, quant)
     visual = load_clip(clip_path, device, clip_every).requires_grad_(False)
     if dtype is not None:
         visual = visual.to(dtype)
@@ -765,34 +770,37 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_trained(ckpt: dict, device, dtype=None, llama_dir=None, clip_path=None, tau=None,
-                 clip_every=None) -> tuple[LaVIN, dict]:
+def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) -> tuple[LaVIN, dict]:
     """
-    Rebuild a trained LaVIN from a checkpoint (load_checkpoint's dict) -> (model in eval mode, what it was trained
-    with: {"llama_dir", "clip_path", "tokenizer" (None: the caller finds LLaMA's), "norm", "prompt_format",
-    "data_dir", "chat"}). Paths given here win over the recorded ones (weights moved to another machine).
-    Ours records how to rebuild the model; an official file holds only the adapters, so the base weights must be
-    given and the rest is the official pipeline's: MMA at the width's temperature (or `tau`), visual tokens after
-    every 4th CLIP block (or `clip_every`), ImageNet normalisation, QCM-ALE.
+    Rebuild a trained LaVIN from a checkpoint (load_checkpoint's dict) -> (model in eval mode, how it was trained:
+    {"llama_dir", "clip_path", "tokenizer" (None: LLaMA's own), "norm", "prompt_format", "data_dir", "chat",
+    "clip_every", "quant"}). `overrides` (None values ignored) win over what the checkpoint records: base weights
+    moved to another machine, or `quant="nf4"` to run on a 4-bit base. Ours records how to rebuild the model; an
+    official file holds only the adapters, so the base weights must be given and the rest is the official
+    pipeline's: MMA at the width's temperature (or overrides["tau"]), visual tokens after every 4th CLIP block,
+    ImageNet normalisation, QCM-ALE.
     """
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "config" in ckpt:
         a, cfg = ckpt["args"], ckpt["config"]
-        info = dict(llama_dir=llama_dir or a["llama_dir"], clip_path=clip_path or a["clip_path"],
-                    tokenizer=a.get("tokenizer"), norm=a["norm"], prompt_format=a["prompt_format"],
-                    data_dir=a.get("data_dir"), chat="instruction" if a.get("instruction_json") else "scienceqa")
-        adapter_args, vision = AdapterArgs(**cfg["adapter"]), cfg["vision"]
-        max_seq_len, clip_every, sd = cfg["llama"]["max_seq_len"], vision["feature_every"], ckpt["model"]
+        info = dict(llama_dir=a["llama_dir"], clip_path=a["clip_path"], tokenizer=a.get("tokenizer"), norm=a["norm"],
+                    prompt_format=a["prompt_format"], data_dir=a.get("data_dir"), quant=a.get("quant"),
+                    chat="instruction" if a.get("instruction_json") else "scienceqa",
+                    clip_every=cfg["vision"]["feature_every"])
+        adapter_args, max_seq_len, sd = AdapterArgs(**cfg["adapter"]), cfg["llama"]["max_seq_len"], ckpt["model"]
     else:
         sd = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}  # saved from inside DDP
         if "layers.0.adapter_attn.conv_B.weight" not in sd:
             raise ValueError("the file is neither a train.py checkpoint (no 'config') nor an official LaVIN adapter "
                              "file (no layers.0.adapter_attn.conv_B.weight)")
-        if llama_dir is None or clip_path is None:
+        if "llama_dir" not in over or "clip_path" not in over:
             raise ValueError("an official LaVIN adapter file records no base weights: pass --llama_dir (e.g. "
                              "/data/LLaMA/7B) and --clip_path (ViT-L-14.pt)")
-        info = dict(llama_dir=llama_dir, clip_path=clip_path, tokenizer=None, norm="imagenet", prompt_format="QCM-ALE",
-                    data_dir=None, chat="scienceqa")
-        adapter_args, max_seq_len, clip_every = AdapterArgs(method="mma", tau=tau), 512, clip_every or 4
-    model = load_lavin(info["llama_dir"], info["clip_path"], adapter_args, device, dtype, max_seq_len, clip_every)
+        info = dict(llama_dir=None, clip_path=None, tokenizer=None, norm="imagenet", prompt_format="QCM-ALE",
+                    data_dir=None, quant=None, chat="scienceqa", clip_every=4)
+        adapter_args, max_seq_len = AdapterArgs(method="mma", tau=over.get("tau")), 512
+    info.update({k: v for k, v in over.items() if k in info})
+    model = load_lavin(info["llama_dir"], info["clip_path"], adapter_args, device, dtype, max_seq_len,
+                       info["clip_every"], info["quant"])
     load_trainable(model, sd)  # converts the official conv_A/B/D, expert_weights names (adapters.py)
     return model.eval(), info

@@ -1591,10 +1591,11 @@ def test_every_method_trains(tiny_setup, method, tmp_path):
     assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2, ls  # falling
 
 
-def test_resume_is_exact(tiny_setup, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"]], ids=["mma", "qlora"])
+def test_resume_is_exact(tiny_setup, tmp_path, extra):
     full, part = tmp_path / "full", tmp_path / "part"
-    train.main(tiny_setup["flags"] + ["--out_dir", str(full), "--max_steps", "5"])
-    train.main(tiny_setup["flags"] + ["--out_dir", str(part), "--max_steps", "2"])
+    train.main(tiny_setup["flags"] + extra + ["--out_dir", str(full), "--max_steps", "5"])
+    train.main(tiny_setup["flags"] + extra + ["--out_dir", str(part), "--max_steps", "2"])
     train.main(["--resume", str(part / "ckpt.pt"), "--max_steps", "5", "--out_dir", str(part)])
     a, b = load_checkpoint(full / "ckpt.pt"), load_checkpoint(part / "ckpt.pt")
     assert a["step"] == b["step"] == 5
@@ -1643,11 +1644,17 @@ def test_lr_schedule():
     assert train.lr_at(spe, spe, args) == pytest.approx(peak / 2)
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_processes_follow_one(tiny_setup, tmp_path, fsdp):
-    """DDP / FSDP2 on 2 CPU processes (gloo) follow the single-process loss curve for the same global batch.
-    Dropout draws differ per rank, so it is off here; what remains is the order of floating-point sums."""
-    flags = tiny_setup["flags"] + ["--max_steps", "4", "--dropout", "0"]
+QLORA, LITE = ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"], ["--quant", "nf4"]
+
+
+@pytest.mark.parametrize("fsdp,extra", [(False, []), (True, []), (False, QLORA), (True, QLORA), (False, LITE),
+                                        (True, LITE)], ids=["ddp", "fsdp", "ddp-qlora", "fsdp-qlora", "ddp-lite",
+                                                            "fsdp-lite"])
+def test_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
+    """DDP / FSDP2 on 2 CPU processes (gloo) follow the single-process loss curve for the same global batch, with a
+    full-precision base and with a 4-bit one (QLoRA, LaVIN-lite). Dropout draws differ per rank, so it is off here;
+    what remains is the order of floating-point sums."""
+    flags = tiny_setup["flags"] + extra + ["--max_steps", "4", "--dropout", "0"]
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(flags + ["--out_dir", str(one)])
     run_torchrun(flags + ["--out_dir", str(two)] + (["--fsdp"] if fsdp else []), 2)
@@ -1865,9 +1872,9 @@ def test_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     path = tmp_path / "checkpoint-19.pth"
     torch.save({"model": official, "epoch": 19, "args": Namespace(max_seq_len=512, adapter_dim=8)}, path)
     root = ckpt.parent.parent
-    loaded, tok2, info = evaluate.load_for_inference(path, torch.device("cpu"), None, str(root / "llama"),
-                                                     str(root / "clip.pt"), str(quiz / "tokenizer.model"),
-                                                     model.adapter_args.tau, clip_every=1)
+    over = dict(llama_dir=str(root / "llama"), clip_path=str(root / "clip.pt"), tokenizer=str(quiz / "tokenizer.model"),
+                tau=model.adapter_args.tau, clip_every=1)
+    loaded, tok2, info = evaluate.load_for_inference(path, torch.device("cpu"), None, over)
     assert info["prompt_format"] == "QCM-ALE" and info["norm"] == "imagenet" and info["image_size"] == 64
     p, img = prompt(tok, "Which shape is red?", True), images(1)[0]
     s = sample.Sampling(max_new_tokens=12)

@@ -55,6 +55,8 @@ def make_parser():
                                        "or next to --llama_dir)")
     g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt (TorchScript archive), a vision state dict, or a "
                                        "Hugging Face CLIP folder or .safetensors file")
+    g.add_argument("--quant", choices=["nf4"], help="nf4: the LLaMA block linears in 4-bit NormalFloat with double "
+                   "quantization, bf16 compute: QLoRA with --method lora, LaVIN-lite with mma (README, 'A 4-bit base')")
     g.add_argument("--clip_every", type=int, default=4, help="visual tokens: CLIP's class token after every Nth block "
                    "(4 as the official code: 6 tokens from ViT-L/14's 24 blocks)")
     g = p.add_argument_group("data")
@@ -190,7 +192,7 @@ def build(args, device, master: bool):
     tok = data.Tokenizer(args.tokenizer)
     frozen_dtype = torch.bfloat16 if (device.type == "cuda" and not args.fsdp and args.method != "full") else None
     model = load_lavin(args.llama_dir, args.clip_path, adapter_args_from(args), device, frozen_dtype, args.max_seq_len,
-                       args.clip_every)
+                       args.clip_every, args.quant)
     if model.llama.args.vocab_size != tok.n_words:
         raise SystemExit(f"tokenizer {args.tokenizer} has {tok.n_words} pieces but the LLaMA at {args.llama_dir} "
                          f"has a {model.llama.args.vocab_size}-row embedding: they do not belong together")
@@ -232,8 +234,10 @@ def wrap_model(model: LaVIN, args, device, world: int):
         fully_shard(model, mp_policy=mp)
         return model
     # Frozen parameters get no gradient buckets, so DDP communicates the adapters only. Every trainable parameter gets
-    # a gradient every step (LaVIN.visual_touch covers image-free micro-batches), so no find_unused_parameters.
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # a gradient every step (LaVIN.visual_touch covers image-free micro-batches), so no find_unused_parameters. No
+    # buffer changes during training, so none is re-broadcast every forward (for a 4-bit base: the whole base).
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
