@@ -231,7 +231,8 @@ def build_prompt(problem: dict, fmt: str = "QCM-ALE") -> tuple[str, str]:
 
 
 def build_instruction(instruction: str, input: str | None = "") -> str:
-    """The chatbot prompt of tools/data_processing.py; it always ends in "Response:".
+    """The chatbot prompt of tools/data_processing.py; it always ends in "Response:" (the official demo's
+    "Responese:" typo is not reproduced: README, difference 18).
 
     Alpaca records use `input` (possibly ""): "Instruction: {instruction} {input}\nResponse: " -> fold + strip, so an
     empty input leaves "Instruction: {instruction} \nResponse:" with a space before the newline, as the official
@@ -534,7 +535,7 @@ def collate(samples: list[dict]) -> dict:
 
     The official loader pads every sample to max_seq_len=512 up front; the attention and loss ignore the pads either
     way, so padding to the batch maximum gives the same loss for a fraction of the compute (quiz samples are ~60
-    tokens). Pads are token 0 with label IGNORE.
+    tokens; README, difference 10). Pads are token 0 with label IGNORE.
     """
     B, T = len(samples), max(len(s["tokens"]) for s in samples)
     tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T)
