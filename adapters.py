@@ -251,16 +251,9 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(x, self.weight)
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain frozen nn.Linear with the dequantized weight, e.g. to fold adapters into (it costs the full-precision
-        weight's memory; quantizing the sum again would lose the folded update in the 4-bit rounding)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        lin.weight = nn.Parameter(self.weight.dequantize(dtype), requires_grad=False)
-        return lin
 
-
-FULL_NF4_ERROR = ("--method full trains the base weights, which a 4-bit base cannot: use --quant none, or --method "
-                  "mma, lora or mixlora")
+FULL_NF4_ERROR = ("--method full trains the base weights, which a 4-bit base cannot: drop --quant nf4, or use "
+                  "--method mma, lora or mixlora")
 
 
 def quantize_llama_(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:

@@ -112,12 +112,6 @@ def _head(tok, has_image, n_visual):
     return sequence_head(tok.bos_id, prefix, n_visual if has_image else 0), 1 + len(prefix)
 
 
-def image_slots(tok, n_visual: int) -> slice:
-    """Positions of the placeholders in any image sequence (before the model prepends its modality token)."""
-    _, start = _head(tok, True, n_visual)
-    return slice(start, start + n_visual)
-
-
 # -----------------------------------------------------------------------------
 # ScienceQA: files and prompts
 
