@@ -196,6 +196,44 @@ def test_real_checkpoint_generates_fluent_text():
 # ---------------------------------------------------------------------------------------------------------------------
 # LaVIN
 
+def test_importing_model_leaves_data_and_quiz_alone():
+    code = ("import sys, model; bad = {'data', 'quiz', 'sentencepiece', 'PIL.ImageDraw'} & set(sys.modules); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent)
+
+
+def test_router_temperature_is_one_rule_of_the_llama_width():
+    """router.default_tau gives 10 for 7B and 5 for 13B (the official scripts), and every model built without an
+    explicit tau, on either tower, asks it; an official adapter file loaded by evaluate.py goes through the same."""
+    from router import default_tau
+    for size, tau in (("7B", 10.0), ("13B", 5.0), ("tiny", 10.0)):
+        m = build_lavin(size, "ViT-L/14" if size != "tiny" else "tiny", device="meta")
+        assert default_tau(m.llama.args.dim) == tau
+        assert {b.adapter_attn.router.tau for b in [*m.llama.layers, *m.visual.blocks]} == {tau}
+    m = build_lavin("tiny", "tiny", AdapterArgs(tau=3.0), device="meta")
+    assert m.llama.layers[0].adapter_attn.router.tau == m.visual.blocks[0].adapter_attn.router.tau == 3.0
+
+
+def test_every_adapter_setting_is_a_train_flag():
+    """Each AdapterArgs field is set by a train.py flag and reaches the modules it configures."""
+    args = train.get_args(["--data_dir", "x", "--method", "mixlora", "--mix_pool", "6", "--mix_rank", "2",
+                           "--mix_alpha", "7", "--mix_cfs", "separable", "--mix_mode", "hard", "--mix_lambda", "0.5",
+                           "--lora_targets", "q,v", "--dropout", "0.2"])
+    a = train.adapter_args_from(args)
+    assert {f.name for f in dataclasses.fields(AdapterArgs)} <= set(vars(args)) | {"adapter_dropout", "lora_dropout"}
+    m = build_lavin("tiny", "tiny", a, device="meta")
+    mix = m.llama.layers[0].attention.wq
+    assert mix.scaling == 7 / 2 and mix.router.cfs == "separable" and mix.router.mode == "hard"
+    assert mix.router.lam == 0.5 and mix.dropout.p == 0.2 and mix.lora_A.shape[0] == 6
+    assert type(m.llama.layers[0].attention.wk) is nn.Linear  # not a target
+    a = train.adapter_args_from(train.get_args(["--data_dir", "x", "--method", "lora", "--lora_rank", "4",
+                                                "--lora_alpha", "2"]))
+    assert build_lavin("tiny", "tiny", a, device="meta").llama.layers[0].feed_forward.w2.scaling == 0.5
+    a = train.adapter_args_from(train.get_args(["--data_dir", "x", "--adapter_scale", "2", "--adapter_dim", "4"]))
+    adapter = build_lavin("tiny", "tiny", a, device="meta").llama.layers[0].adapter_attn
+    assert adapter.scale == 2.0 and adapter.down.out_features == 4 and adapter.dropout.p == 0.1
+
+
 def test_trainable_counts_at_real_shapes():
     rows = {(r["model"], r["method"]): r["trainable"] for r in param_table()}
     assert rows[("LaVIN-7B", "MMA (LaVIN)")] == 3_781_296
@@ -1642,6 +1680,23 @@ def test_lr_schedule():
     assert abs(train.lr_at(2 * spe, spe, args) - peak) < 1e-12
     assert train.lr_at(20 * spe - 1, spe, args) < 1e-3 * peak
     assert train.lr_at(spe, spe, args) == pytest.approx(peak / 2)
+
+
+def test_quick_start_settings_apply_only_to_flags_not_passed(tiny_setup, tmp_path, monkeypatch):
+    """`python train.py --prompt_format QCM-ALE --max_steps 1` on the quiz trains with QCM-ALE (a flag equal to the
+    real-run default is still the user's), while the quick start's other settings apply. quiz.quick_start is pointed
+    at the small test quiz and backbones, so the run takes seconds instead of pre-training stand-ins."""
+    f = tiny_setup["flags"]
+    paths = tuple(f[f.index(k) + 1] for k in ("--data_dir", "--tokenizer", "--llama_dir", "--clip_path"))
+    monkeypatch.setattr(train.quiz, "quick_start", lambda *a, **kw: paths)
+    seen = []
+    real = train.data.ScienceQADataset
+    monkeypatch.setattr(train.data, "ScienceQADataset", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw))
+    train.main(["--prompt_format", "QCM-ALE", "--max_steps", "1", "--no_eval", "--out_dir", str(tmp_path)])
+    saved = load_checkpoint(tmp_path / "ckpt.pt")["args"]
+    assert seen == ["QCM-ALE"] and saved["prompt_format"] == "QCM-ALE"
+    assert saved["epochs"] == train.QUICK["epochs"] and saved["clip_every"] == train.QUICK["clip_every"]
+    assert train.get_args([]).prompt_format == train.QUICK["prompt_format"] == "QCM-EA"  # nothing passed: the quick's
 
 
 QLORA, LITE = ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"], ["--quant", "nf4"]
