@@ -57,7 +57,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from adapters import METHODS, AdapterArgs, LoRALinear, MixLoRALinear
+from adapters import LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes, quantize_llama_
 from clip_vit import VISION_PRESETS, save_safetensors
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
 from model import IGNORE, LLAMA_PRESETS, build_lavin, count_params, load_llama
@@ -105,6 +105,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="frozen weights and autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    p.add_argument("--quant", choices=["nf4"], help="parts 2-4 on a 4-bit NF4 base (QLoRA / LaVIN-lite); part 5 "
+                                                   "compares it with the --dtype base either way")
     p.add_argument("--gen_tokens", type=int, default=16,
                    help="new tokens per prompt in the generation benchmark (default 16)")
     p.add_argument("--threads", type=int, default=None,
@@ -309,7 +311,7 @@ def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: i
 # ---------------------------------------------------------------------------------------------------------------------
 # Building, timing
 
-def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, seed: int):
+def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, seed: int, quant=None):
     """
     A LaVIN with random weights at the preset's shapes, built the way a 7B must be: on the meta device (free), cast
     there, then materialised on `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU,
@@ -335,7 +337,7 @@ def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, se
             else:
                 p.zero_()  # biases
     model.llama.init_rope(device)  # non-persistent buffers: to_empty left them uninitialised
-    return model
+    return quantize_llama_(model) if quant == "nf4" else model
 
 
 def sync(device):
@@ -463,7 +465,7 @@ def bench_method(method: str, args, amp, dtype, batch: dict, useful_tokens: int,
     """Build one method's model, time its training step and its generation. Returns one result row."""
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
-    model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed)
+    model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed, args.quant)
     fm = flop_model(model)
     trainable, total = count_params(model)
     B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
@@ -598,6 +600,87 @@ def print_generation(result: dict):
           "nearly tied logits can change greedy tokens; fp32 should agree exactly.")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# A 4-bit base (QLoRA, LaVIN-lite): the frozen bytes at the real shapes, and the measured cost on this device
+
+NF4_ANCHORS = ("LaVIN-7B-lite trains in 9 GB and LaVIN-13B-lite in 14-15 GB on one GPU (official README); torchtune's "
+               "Llama-2-7B QLoRA peaks at 9.29 GB against 15.57 GB for LoRA")
+
+
+def frozen_bytes(size: str) -> dict:
+    """Exact bytes of LaVIN-{size}'s frozen weights, from the meta device: the LLaMA block linears (what --quant nf4
+    stores in 4 bits) at fp32, bf16, NF4 and NF4 with double quantization, and the rest of the frozen base (embeddings,
+    norms, head, CLIP ViT-L/14), which stays in the compute dtype, in bf16."""
+    model = build_lavin(size, "ViT-L/14", device="meta")
+    shapes = [getattr(getattr(layer, p), a).weight.shape for layer in model.llama.layers
+              for p, a in (t.split(".") for t in LORA_TARGETS.values())]
+    n = sum(math.prod(sh) for sh in shapes)
+    rest = sum(p.numel() for p in model.parameters() if not p.requires_grad) - n
+    return {"model": f"LaVIN-{size}", "fp32": 4 * n, "bf16": 2 * n, "rest_bf16": 2 * rest,
+            "nf4": sum(nf4_nbytes(sh, 64, False) for sh in shapes), "nf4_dq": sum(nf4_nbytes(sh) for sh in shapes)}
+
+
+def dequantize_ms(model, dtype) -> float:
+    """Median time to dequantize every 4-bit weight of the model once: what each forward, and again each backward,
+    spends before its matmuls."""
+    weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    times = []
+    for _ in range(3):
+        sync(weights[0].packed.device)
+        t0 = time.perf_counter()
+        for w in weights:
+            w.dequantize(dtype)
+        sync(weights[0].packed.device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench_nf4(args, amp, dtype, batch: dict) -> list[dict]:
+    """The training step of each adapter method on the --dtype base and on a 4-bit one, measured here side by side:
+    step time, the frozen weights' resident bytes, peak memory (CUDA), and the dequantization inside the step."""
+    rows = []
+    for method in [m for m in args.methods if m != "full"]:  # full fine-tuning cannot train a 4-bit base
+        row = {"method": method}
+        for quant in (None, "nf4"):
+            if args.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(args.device)
+            model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed, quant)
+            frozen = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                         if not t.requires_grad)
+            step = statistics.median(measure_train(model, batch, args, amp))
+            mem = peak_memory_gb(args.device)[0] if args.device.type == "cuda" else None
+            key = quant or args.dtype
+            row[key] = {"step_ms": 1e3 * step, "frozen_gb": frozen / 1e9, "peak_gb": mem}
+            if quant:
+                row[key]["dequant_ms"] = dequantize_ms(model, dtype)
+            del model
+            gc.collect()
+        rows.append(row)
+    return rows
+
+
+def print_nf4(result: dict, args):
+    print(f"{'model':<10} {'block linears fp32':>19} {'bf16':>9} {'NF4':>9} {'NF4+DQ':>9} {'bits/w':>7} "
+          f"{'rest (bf16)':>12} {'whole base, NF4+DQ':>19}")
+    for r in result["nf4_bytes"]:
+        bits = 8 * r["nf4_dq"] / (r["bf16"] / 2)
+        print(f"{r['model']:<10} {r['fp32'] / 1e9:>16.2f} GB {r['bf16'] / 1e9:>6.2f} GB {r['nf4'] / 1e9:>6.2f} GB "
+              f"{r['nf4_dq'] / 1e9:>6.2f} GB {bits:>7.3f} {r['rest_bf16'] / 1e9:>9.2f} GB "
+              f"{(r['nf4_dq'] + r['rest_bf16']) / 1e9:>16.2f} GB")
+    print(f"  anchors: {NF4_ANCHORS}. Their totals add activations, adapters and optimizer state to the base.")
+    d = args.dtype
+    print(f"measured here, LaVIN-{args.model}, batch as part 2: {d} base against a 4-bit one")
+    print(f"{'method':<8} {d + ' step ms':>13} {'nf4 step ms':>12} {'ratio':>6} {'frozen GB ' + d:>14} "
+          f"{'frozen GB nf4':>14} {'peak GB ' + d + '/nf4':>17} {'dequant once ms':>16}")
+    for r in result["nf4_step"]:
+        a, b = r[d], r["nf4"]
+        peak = "n/a (CPU)" if a["peak_gb"] is None else f"{a['peak_gb']:.2f} / {b['peak_gb']:.2f}"
+        print(f"{r['method']:<8} {a['step_ms']:>13.1f} {b['step_ms']:>12.1f} {b['step_ms'] / a['step_ms']:>6.2f} "
+              f"{a['frozen_gb']:>14.4f} {b['frozen_gb']:>14.4f} {peak:>17} {b['dequant_ms']:>16.1f}")
+    print("  a step dequantizes every 4-bit weight twice, in the forward and for the input gradient in the backward "
+          "(adapters._NF4Matmul); dequant once = one pass over all of them, one gather and one multiply per weight.")
+
+
 def main(argv=None) -> dict:
     args = get_args(argv)
     if args.threads:
@@ -660,6 +743,12 @@ def main(argv=None) -> dict:
     print(f"\n== 4. Generation: {args.batch_size} image prompts of {GEN_PROMPT_LEN} tokens after the head, "
           f"{args.gen_tokens} new tokens each, greedy, KV cache, median of 2 runs after 1 warm-up ==")
     print_generation(result)
+
+    # ---- 5. a 4-bit base
+    print("\n== 5. A 4-bit base (--quant nf4: QLoRA, LaVIN-lite), exact frozen bytes at the real shapes ==")
+    result["nf4_bytes"] = [frozen_bytes(size) for size in ("7B", "13B")]
+    result["nf4_step"] = bench_nf4(args, amp, dtype, batch)
+    print_nf4(result, args)
 
     for r in result["train"]:
         r.pop("flop_model", None)  # printed above; the JSON keeps the totals

@@ -2013,6 +2013,14 @@ def test_cpu_side_by_side_run(capsys, tmp_path):
     # merging must not change greedy tokens for the two methods that can merge
     gen = {r["method"]: r["generation"] for r in parsed["train"]}
     assert gen["mma"]["agree"] is True and gen["lora"]["agree"] is True
+    # part 5: exact frozen bytes of the 7B block linears (32 x (4 x 4096² + 3 x 4096 x 11008) weights), and the
+    # 4-bit step measured beside the fp32 one for every method that can train on a 4-bit base
+    b7 = parsed["nf4_bytes"][0]
+    assert b7["bf16"] == 2 * 32 * (4 * 4096**2 + 3 * 4096 * 11008) and b7["fp32"] == 2 * b7["bf16"]
+    assert b7["nf4"] == b7["bf16"] // 4 + 4 * b7["bf16"] // 2 // 64  # 4 bits + one fp32 absmax per 64 weights
+    assert 4.12 < 8 * b7["nf4_dq"] / (b7["bf16"] / 2) < 4.13
+    assert [r["method"] for r in parsed["nf4_step"]] == ["mma", "lora", "mixlora"]
+    assert all(r["nf4"]["frozen_gb"] < r["fp32"]["frozen_gb"] and r["nf4"]["dequant_ms"] > 0 for r in parsed["nf4_step"])
     assert gen["mixlora"]["merged"] is None and gen["full"]["merged"] is None
     mma_rows = {r["model"]: r["trainable"] for r in parsed["params"] if r["method"] == "MMA (LaVIN)"}
     assert mma_rows == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
