@@ -21,6 +21,7 @@ Used by model.py (LaVIN wraps VisionTransformer) and data.py (preprocessing); te
     python -m pytest test_all.py -k clip
 """
 
+import re
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -251,6 +252,21 @@ def to_openai_state_dict(sd):
     return out
 
 
+def torch_load(path, what: str, **kw):
+    """torch.load in its safe mode (tensors and plain containers only; model.py's loaders use it too), with errors that
+    name the file. A file holding other Python objects is refused without torch's advice to retry with
+    weights_only=False, which would run whatever code the file carries."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError...)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # torch's refusal names it
+        if refused:
+            raise ValueError(f"cannot read {what} {path}: it holds a pickled {refused.group(1)}, which the safe "
+                             f"loader refuses (not a file of the kind expected here)") from e
+        raise ValueError(f"cannot read {what} {path}: corrupt or truncated ({str(e).split('. ')[0]}); copy it again "
+                         f"or use another") from e
+
+
 def _read_checkpoint(path):
     """Whatever is in the file -> a flat {name: value} dict."""
     try:
@@ -258,16 +274,16 @@ def _read_checkpoint(path):
             torchscript = any(name.endswith("/constants.pkl") for name in z.namelist())  # torch.save has none
     except zipfile.BadZipFile:
         torchscript = False  # a legacy (pre-1.6) torch.save file, or not a checkpoint at all
-    try:
-        if torchscript:
-            # OpenAI's release format. torch.jit is deprecated but remains the only reader of these archives; its
-            # state_dict() has the same keys that build_model sees. Silence only that warning.
+    if torchscript:
+        # OpenAI's release format. torch.jit is deprecated but remains the only reader of these archives; its
+        # state_dict() has the same keys that build_model sees. Silence only that warning.
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError...)
-        raise ValueError(f"cannot read CLIP checkpoint {path}: {e}") from e
+        except Exception as e:
+            raise ValueError(f"cannot read CLIP checkpoint {path}: {e}") from e
+    obj = torch_load(path, "CLIP checkpoint")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # common wrappers of training checkpoints
             if isinstance(obj.get(key), dict):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable
-from clip_vit import VISION_PRESETS, VisionTransformer, load_clip
+from clip_vit import VISION_PRESETS, VisionArgs, VisionTransformer, load_clip, torch_load
 
 
 # =====================================================================================================================
@@ -308,8 +308,11 @@ def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512) -> Tr
     shard_paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not shard_paths:
         raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}: expected Meta's checkpoint shards there")
-    params = json.loads(params_path.read_text())
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shard_paths]
+    try:
+        params = json.loads(params_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{params_path} is not valid JSON ({e})") from e
+    shards = [torch_load(p, "LLaMA checkpoint", mmap=True) for p in shard_paths]
     sd = merge_shards(shards)
     sd.pop("rope.freqs", None)
     if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
@@ -634,15 +637,22 @@ def warmup_cosine(t: float, warmup: float, total: float, peak: float, floor: flo
 
 def save_checkpoint(path, obj: dict):
     """Write to a temporary file, flush it to disk, then rename over the old one: the rename is atomic, so a run killed
-    mid-save leaves the previous checkpoint intact, never a half-written file in its place."""
+    mid-save leaves the previous checkpoint intact, never a half-written file in its place. The temporary name holds
+    the writer's pid, so two writers never share one, and a failed write (a full disk, Ctrl-C) removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk: name the checkpoint that could not be written
+        raise
 
 
 def load_checkpoint(path) -> dict:
@@ -656,12 +666,8 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (train.py writes {{out_dir}}/ckpt.pt; "
                                 f"run `python train.py` first for the quick start's)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, a pickle we do not trust...
-        raise ValueError(f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}); "
-                         f"use an earlier checkpoint or start again") from e
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is neither a train.py checkpoint nor an official LaVIN adapter file (no 'model' "
                          f"dict of tensors)")
@@ -697,5 +703,22 @@ def load_trained(ckpt: dict, device, dtype=None, llama_dir=None, clip_path=None,
                     data_dir=None, chat="scienceqa")
         adapter_args, max_seq_len, clip_every = AdapterArgs(method="mma", tau=tau), 512, clip_every or 4
     model = load_lavin(info["llama_dir"], info["clip_path"], adapter_args, device, dtype, max_seq_len, clip_every)
+    if "config" in ckpt:
+        check_base(ckpt["config"], model, info)
     load_trainable(model, sd)  # converts the official conv_A/B/D, expert_weights names (adapters.py)
     return model.eval(), info
+
+
+def check_base(config: dict, model: LaVIN, info: dict):
+    """The base weights just loaded must be those the adapters were trained on (ckpt["config"]): the shapes, and what
+    shapes cannot reveal (head count, norm epsilon, RoPE base), each compared as the model uses it."""
+    def summary(la: ModelArgs, va: VisionArgs) -> dict:
+        llama = dict(dim=la.dim, n_layers=la.n_layers, n_heads=la.n_heads, n_kv_heads=la.n_kv_heads or la.n_heads,
+                     vocab_size=la.vocab_size, ffn_dim=la.ffn_dim, norm_eps=la.norm_eps, rope_theta=la.rope_theta)
+        return {**{f"llama {k}": v for k, v in llama.items()}, **{f"vision {k}": v for k, v in asdict(va).items()}}
+    trained = summary(ModelArgs(**config["llama"]), VisionArgs(**config["vision"]))
+    loaded = summary(model.llama.args, model.visual.args)
+    diff = [f"{k} {loaded[k]} (trained with {trained[k]})" for k in trained if loaded[k] != trained[k]]
+    if diff:
+        raise ValueError(f"the base weights {info['llama_dir']} + {info['clip_path']} are not those the adapters were "
+                         f"trained on: {', '.join(diff)}; pass the training run's --llama_dir / --clip_path")
