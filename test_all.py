@@ -15,6 +15,7 @@ import os
 import random
 import runpy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1840,8 +1841,9 @@ def logged(out_dir):
 
 def test_kill_resume_lock(tiny_setup, tmp_path):
     """A run killed with SIGKILL resumes with its own --save_every and out_dir (from another folder, flags not
-    repeated); either kill loses at most one save interval. While a run writes its out_dir, a second is refused
-    with the first's pid; the lock a killed run leaves is taken over."""
+    repeated); stopping that with Ctrl-C (SIGINT) prints one line with the resume command; neither loses more than
+    one save interval. While a run writes its out_dir, a second is refused with the first's pid; the lock a killed
+    run leaves is taken over, and one that ends cleans up its lock and temporary files."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -1858,9 +1860,13 @@ def test_kill_resume_lock(tiny_setup, tmp_path):
 
     second = popen(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)])
     wait_for(lambda: len(logged(out)) >= last + 8, second)  # the old steps, the marker, and a few new ones
-    second.kill()
-    stdout, _ = second.communicate()
+    second.send_signal(signal.SIGINT)
+    stdout, stderr = second.communicate()
     assert f"taking over the lock of pid {first.pid}" in stdout
+    assert second.returncode == 130 and "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        f"error: interrupted; continue with: python train.py --resume {out}/ckpt.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no lock, no temporary file
     log = logged(out)
     marker = [r for r in log if "resumed_from" in r]
     assert marker == [{"resumed_from": str(out / "ckpt.pt"), "step": saved}]

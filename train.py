@@ -465,7 +465,8 @@ def show_routing(model: LaVIN) -> str:
 @contextmanager
 def out_dir_lock(out_dir, master: bool):
     """One run writes an out_dir at a time: rank 0 holds `lock` there, a file with its pid, created atomically
-    (O_EXCL). A lock whose pid no longer runs was left by a killed run and is taken over."""
+    (O_EXCL). A lock whose pid no longer runs was left by a killed run and is taken over, and the half-written
+    checkpoint such a run may have left (model.save_checkpoint's ckpt.pt.{pid}.tmp) is removed."""
     if not master:
         yield
         return
@@ -483,6 +484,8 @@ def out_dir_lock(out_dir, master: bool):
             lock.unlink(missing_ok=True)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
+    for stale in Path(out_dir).glob("ckpt.pt.*.tmp"):  # nobody else writes here now
+        stale.unlink()
     try:
         yield
     finally:
