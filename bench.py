@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ import torch
 from adapters import LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes, quantize_llama_
 from clip_vit import VISION_PRESETS, save_safetensors
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
+from evaluate import UserError, check_flags, cli
 from model import IGNORE, LLAMA_PRESETS, build_lavin, count_params, load_llama
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,27 +116,31 @@ def get_args(argv=None):
                         "from more, and on a shared machine threads that wait for busy cores make steps up to 10x "
                         "slower and the timings noise; on GPU: torch's choice)")
     p.add_argument("--json", default=None, help="also write the JSON result to this path")
+    p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
+                   "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     args = p.parse_args(argv)
+    pos = (lambda v: v >= 1, ">= 1")
+    check_flags(args, [("batch_size", *pos), ("steps", *pos), ("gpus", *pos), ("epochs", *pos), ("gen_tokens", *pos),
+                       ("lora_rank", *pos), ("threads", *pos), ("warmup", lambda v: v >= 0, ">= 0"),
+                       ("peak_tflops", lambda v: v > 0, "> 0")])
+    if args.json and not Path(args.json).parent.is_dir():
+        raise UserError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
 
     # The current device: one GPU if there is one (bench measures one device; part 3 scales to --gpus of them).
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model != "tiny" and args.device.type != "cuda":
-        p.error(f"--model {args.model} needs a GPU: its frozen weights alone are "
+        raise UserError(f"--model {args.model} needs a GPU: its frozen weights alone are "
                 f"{'13' if args.model == '7B' else '26'} GB in bf16 (on CPU use --model tiny)")
     args.vision = args.vision or ("tiny" if args.model == "tiny" else "ViT-L/14")
     methods = args.methods or (",".join(METHODS) if args.device.type == "cpu" else "mma")  # see --help
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
-        p.error(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+        raise UserError(f"--methods {methods}: unknown {bad}; choose from {','.join(METHODS)}")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
     args.threads = args.threads or (None if args.device.type == "cuda" else 1)  # see --help
-    if args.warmup < 0:
-        p.error("--warmup must be at least 0")
-    for name in ("batch_size", "steps", "gpus", "epochs", "gen_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
     return args
 
 
@@ -683,6 +689,8 @@ def print_nf4(result: dict, args):
 
 def main(argv=None) -> dict:
     args = get_args(argv)
+    if args.load_memory:
+        return {"load_memory": load_memory()}
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -834,4 +842,4 @@ def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[d
 
 
 if __name__ == "__main__":
-    load_memory() if sys.argv[1:] == ["--load_memory"] else main()
+    cli(main)

@@ -26,6 +26,7 @@ Used by model.py (LaVIN wraps VisionTransformer) and data.py (preprocessing); te
 import json
 import math
 import mmap
+import re
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -153,7 +154,22 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
             f.write(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def read_weights(path) -> Mapping:
+def torch_load(path, what: str, **kw):
+    """torch.load in its safe mode (tensors and plain containers only; model.py's loaders use it too), with errors that
+    name the file. A file holding other Python objects is refused without torch's advice to retry with
+    weights_only=False, which would run whatever code the file carries."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError...)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # torch's refusal names it
+        if refused:
+            raise ValueError(f"cannot read {what} {path}: it holds a pickled {refused.group(1)}, which the safe "
+                             f"loader refuses (not a file of the kind expected here)") from e
+        raise ValueError(f"cannot read {what} {path}: corrupt or truncated ({str(e).split('. ')[0]}); copy it again "
+                         f"or use another") from e
+
+
+def read_weights(path, what: str = "checkpoint") -> Mapping:
     """A weight file -> a flat {name: tensor} mapping: a .safetensors file (SafeTensors: lazy views of the mapped
     file), OpenAI's TorchScript archive, or a torch.save'd state dict (read with weights_only=True, memory-mapped
     when it is a zip archive, as every torch.save since torch 1.6 is)."""
@@ -166,16 +182,16 @@ def read_weights(path) -> Mapping:
         zipped = True
     except zipfile.BadZipFile:
         torchscript = zipped = False  # a legacy (pre-1.6) torch.save file, or not a checkpoint at all
-    try:
-        if torchscript:
-            # OpenAI's release format. torch.jit is deprecated but remains the only reader of these archives; its
-            # state_dict() has the same keys that build_model sees. Silence only that warning.
+    if torchscript:
+        # OpenAI's release format. torch.jit is deprecated but remains the only reader of these archives; its
+        # state_dict() has the same keys that build_model sees. Silence only that warning.
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except Exception as e:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError...)
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        except Exception as e:
+            raise ValueError(f"cannot read {what} {path}: {e}") from e
+    obj = torch_load(path, what, mmap=zipped)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # common wrappers of training checkpoints
             if isinstance(obj.get(key), dict):
@@ -461,9 +477,9 @@ def load_clip(path, device="cpu", feature_every: int = 4) -> VisionTransformer:
         cfg = json.loads(config.read_text()) if config.is_file() else {}
         raw = {}
         for file in hf_weight_files(path):
-            raw.update(read_weights(file))  # lazy views: nothing is read yet
+            raw.update(read_weights(file, "CLIP checkpoint"))  # lazy views: nothing is read yet
     elif path.is_file():
-        raw = read_weights(path)
+        raw = read_weights(path, "CLIP checkpoint")
     else:
         raise FileNotFoundError(
             f"CLIP checkpoint not found: {path}. Expected OpenAI's ViT-L-14.pt TorchScript archive "

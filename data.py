@@ -116,17 +116,34 @@ def _head(tok, has_image, n_visual):
 # ScienceQA: files and prompts
 
 
+def read_json(path):
+    """json.loads of a file, with an error that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+SCIENCEQA_LAYOUT = "expected <data_dir>/problems.json, pid_splits.json and images/<split>/<pid>/image.png"
+
+
+def read_splits(data_dir) -> dict:
+    """pid_splits.json of a ScienceQA root: {split: [pid, ...]} (scripts check --split against it before any work)."""
+    path = Path(data_dir) / "pid_splits.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path} ({SCIENCEQA_LAYOUT})")
+    return read_json(path)
+
+
 def load_scienceqa(data_dir, split) -> list[dict]:
     """The records of one split, in pid_splits order, each a copy with its "pid" added. Validates what we use."""
     data_dir = Path(data_dir)
-    layout = "expected <data_dir>/problems.json, pid_splits.json and images/<split>/<pid>/image.png"
-    for name in ("problems.json", "pid_splits.json"):
-        if not (data_dir / name).is_file():
-            raise FileNotFoundError(f"missing {data_dir / name} ({layout})")
-    problems = json.loads((data_dir / "problems.json").read_text())
-    splits = json.loads((data_dir / "pid_splits.json").read_text())
+    splits = read_splits(data_dir)
     if split not in splits:
         raise ValueError(f"split {split!r} not in {data_dir / 'pid_splits.json'} (has: {', '.join(splits)})")
+    if not (data_dir / "problems.json").is_file():
+        raise FileNotFoundError(f"missing {data_dir / 'problems.json'} ({SCIENCEQA_LAYOUT})")
+    problems = read_json(data_dir / "problems.json")
     records = []
     for pid in splits[split]:
         pid = str(pid)
@@ -487,7 +504,7 @@ class InstructionDataset(_EncodedDataset):
         json_path = Path(json_path)
         if not json_path.is_file():
             raise FileNotFoundError(f"instruction data not found: {json_path}")
-        for i, rec in enumerate(json.loads(json_path.read_text())):
+        for i, rec in enumerate(read_json(json_path)):
             pid = str(rec.get("id", i))
             if "conversations" in rec:
                 turns = _llava_turns(rec["conversations"], pid)

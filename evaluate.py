@@ -13,8 +13,9 @@ LaVIN eval.py, and ScienceQA's tools/evaluate_acc.py for the score table).
 `python sample.py --eval ...` is the same command. Answers are parsed with the official pattern "The answer is X.";
 an unparsable answer falls back to a *seeded* random choice, and the fallbacks are counted (README, difference 16).
 Greedy by default, so results depend on neither seed nor batch; `--temperature 0.1 --top_p 0.75` is what the
-official evaluation samples with. Also home to what every entry point shares: the distributed set-up and loading a
-trained model for inference (train.py evaluates through `evaluate`, sample.py loads through `load_for_inference`).
+official evaluation samples with. Also home to what every entry point shares: the distributed set-up, the checks of
+flags and the one-line report of user errors (`cli`), and loading a trained model for inference (train.py evaluates
+through `evaluate`, sample.py loads through `load_for_inference`).
 
 Tests: `python -m pytest -q test_all.py -k evaluate`.
 """
@@ -25,6 +26,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +56,83 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, local_rank, world, device
+
+
+# =====================================================================================================================
+# User errors: every script checks its flags before any work, and reports a mistake in one line (train.py, sample.py
+# and bench.py use these too)
+
+class UserError(Exception):
+    """A mistake in the flags or in the files they name: `cli` prints its one line, without a traceback."""
+
+
+def check_flags(args, rules):
+    """rules: (flag, allowed(value) -> bool, what is allowed). A flag at None (optional, not given) passes."""
+    for flag, ok, allowed in rules:
+        value = getattr(args, flag)
+        if value is not None and not ok(value):
+            raise UserError(f"--{flag} {value}: must be {allowed}")
+
+
+def check_paths(args, rules):
+    """rules: (flag, "file" or "folder"): a given path must exist and be one."""
+    for flag, kind in rules:
+        value = getattr(args, flag, None)  # sample.py and evaluate.py share the rules, not every flag
+        if value is not None and not (Path(value).is_file() if kind == "file" else Path(value).is_dir()):
+            raise UserError(f"--{flag} {value}: no such {kind}")
+
+
+def check_device(device: str | None, dtype: str | None):
+    """--device must name a device this machine has (None: cuda if there is one), and bf16/fp16 are for GPUs."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s) here; use --device cpu"
+                        + (f" or cuda:0 .. cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else ""))
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
+    if dtype in ("bf16", "fp16") and dev.type == "cpu":
+        raise UserError(f"--dtype {dtype}: for GPUs; on CPU use --dtype fp32 (the default there)")
+
+
+def check_split(flag: str, split: str, data_dir):
+    splits = data.read_splits(data_dir)
+    if split not in splits:
+        raise UserError(f"--{flag} {split}: not a split of {Path(data_dir) / 'pid_splits.json'} (has: "
+                        f"{', '.join(splits)})")
+
+
+def check_writable(flag: str, folder):
+    """Create the folder if needed and write a scratch file there: a read-only disk, or a file in the folder's place,
+    is found now rather than at the first save."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"--{flag} {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def cli(main):
+    """
+    Run a script's main() as a command. A user error (UserError; a missing, unreadable or malformed file, which the
+    loaders report as FileNotFoundError or ValueError; an OSError such as a full or read-only disk; Ctrl-C) prints one
+    line, with what to do next when the failure added a note (train.py's resume command), and exits non-zero (130
+    for Ctrl-C). --debug or LAVIN_DEBUG=1 shows the traceback instead. Anything else is a bug and shows its traceback.
+    """
+    try:
+        main()
+    except (UserError, OSError, ValueError, FloatingPointError, KeyboardInterrupt) as e:
+        if "--debug" in sys.argv[1:] or os.environ.get("LAVIN_DEBUG") == "1":
+            raise
+        what = ("interrupted" if isinstance(e, KeyboardInterrupt) else
+                f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e))
+        line = "; ".join(part.strip() for part in [what, *getattr(e, "__notes__", [])] if part.strip())
+        # One line, whatever the message held; tqdm.write moves an open progress bar out of its way.
+        tqdm.write(f"error: {' '.join(line.split())}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 # =====================================================================================================================
@@ -131,11 +210,13 @@ def format_table(scores: dict) -> str:
 
 def load_for_inference(path, device, dtype=None, overrides: dict | None = None):
     """
-    A checkpoint (train.py's, or an official LaVIN adapter file) -> (model in eval mode, tokenizer, info): info says
-    how the model was trained (model.load_trained's, plus image_size and n_visual). `overrides` (llama_dir,
-    clip_path, tokenizer, tau, clip_every, quant, data_dir; None values ignored) win over what the checkpoint records.
+    A checkpoint (train.py's, or an official LaVIN adapter file; its path, or the dict load_checkpoint read from it)
+    -> (model in eval mode, tokenizer, info): info says how the model was trained (model.load_trained's, plus
+    image_size and n_visual). `overrides` (llama_dir, clip_path, tokenizer, tau, clip_every, quant, data_dir; None
+    values ignored) win over what the checkpoint records.
     """
-    model, info = load_trained(load_checkpoint(path), device, dtype, overrides)
+    ckpt = path if isinstance(path, dict) else load_checkpoint(path)
+    model, info = load_trained(ckpt, device, dtype, overrides)
     tok = data.Tokenizer(info["tokenizer"] or info["llama_dir"])  # a folder: its tokenizer.model, in it or beside it
     if model.llama.args.vocab_size != tok.n_words:
         raise ValueError(f"the tokenizer has {tok.n_words} pieces but the LLaMA has a "
@@ -310,6 +391,7 @@ def add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun picks per rank)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="frozen weights and compute: bf16 on GPU (default), fp32 on CPU (default)")
+    g.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
 
 
 def add_eval_flags(p: argparse.ArgumentParser):
@@ -328,10 +410,40 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def inference_setup(args):
+def check_inference_args(args):
+    """The flags of add_model_flags and add_eval_flags, before anything is read."""
+    check_flags(args, [("temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
+                       ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+                       ("batch_size", lambda v: v >= 1, ">= 1"),
+                       ("limit", lambda v: v >= 1, ">= 1"), ("tau", lambda v: v > 0, "> 0"),
+                       ("clip_every", lambda v: v >= 1, ">= 1")])
+    check_device(args.device, args.dtype)
+    check_paths(args, [("llama_dir", "folder"), ("clip_path", "file"), ("tokenizer", "file"), ("data_dir", "folder"),
+                       ("image", "file")])
+
+
+def check_eval_data(args, ckpt: dict):
+    """What evaluation needs, before the model loads: a ScienceQA root (given, or recorded in ckpt) with that split,
+    and somewhere to write the predictions."""
+    data_dir = args.data_dir or (ckpt["args"].get("data_dir") if "config" in ckpt else None)
+    if data_dir is None:
+        raise UserError("--data_dir: needed to evaluate (the ScienceQA root); the adapter file records none")
+    check_split("split", args.split, data_dir)
+    check_writable("out", preds_path(args).parent)
+
+
+def preds_path(args) -> Path:
+    return Path(args.out) if args.out else Path(args.adapter).parent / f"preds_{args.split}.json"
+
+
+def inference_setup(args, evaluating: bool = True):
     """The process, device and model every inference entry point starts with -> (rank, world, device, model, tok,
-    info). The frozen backbones load in bf16 on GPU (half the memory, what training ran in); the adapters stay fp32
-    and autocast mixes the two (LaVIN.autocast). CPU: fp32, where bf16 matmuls are slow."""
+    info), every flag checked first. The frozen backbones load in bf16 on GPU (half the memory, what training ran in);
+    the adapters stay fp32 and autocast mixes the two (LaVIN.autocast). CPU: fp32, where bf16 matmuls are slow."""
+    check_inference_args(args)
+    ckpt = load_checkpoint(args.adapter)
+    if evaluating:
+        check_eval_data(args, ckpt)
     rank, _, world, device = setup_distributed()
     if args.device and world == 1:
         device = torch.device(args.device)  # under torchrun each rank keeps the GPU of its LOCAL_RANK
@@ -339,24 +451,22 @@ def inference_setup(args):
     if rank == 0:
         print(f"loading {args.adapter} on {device} ({dtype}) ...", file=sys.stderr)  # stdout: answers only
     frozen = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    try:
-        over = {k: getattr(args, k) for k in ("llama_dir", "clip_path", "tokenizer", "tau", "clip_every", "quant",
-                                              "data_dir")}
-        model, tok, info = load_for_inference(args.adapter, device, frozen, over)
-    except (FileNotFoundError, ValueError) as e:  # missing or mismatched files: the message says what to do
-        raise SystemExit(f"error: {e}") from None
+    over = {k: getattr(args, k) for k in ("llama_dir", "clip_path", "tokenizer", "tau", "clip_every", "quant",
+                                          "data_dir")}
+    model, tok, info = load_for_inference(ckpt, device, frozen, over)
+    limit = model.llama.args.max_seq_len  # prompt (< limit) + answer then fit the RoPE tables (2 x limit)
+    check_flags(args, [("max_new_tokens", lambda v: v <= limit, f"in [1, {limit}] (the model's max_seq_len: prompt "
+                                                                 f"and answer must fit its RoPE table of 2 x {limit})")])
     return rank, world, device, model, tok, info
 
 
 def run(args, rank, world, model, tok, info):
     """Score a split with the flags of add_eval_flags (evaluate.py and sample.py --eval)."""
-    if info["data_dir"] is None:
-        raise SystemExit("this needs --data_dir (the ScienceQA root): the adapter file does not record one")
     problems = data.load_scienceqa(info["data_dir"], args.split)[:args.limit]  # [:None] is the whole split
-    out = args.out or Path(args.adapter).parent / f"preds_{args.split}.json"
     evaluate(model, tok, problems, info["data_dir"], args.split, info["prompt_format"], info["norm"],
              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, rank=rank, world=world,
-             merge=not args.no_merge, seed=args.seed, temperature=args.temperature, top_p=args.top_p, out=out)
+             merge=not args.no_merge, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+             out=preds_path(args))
 
 
 def main(argv=None):
@@ -368,4 +478,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable, quantize_block_
-from clip_vit import VISION_PRESETS, SafeTensors, VisionTransformer, hf_weight_files, load_clip, read_weights
+from clip_vit import (VISION_PRESETS, SafeTensors, VisionArgs, VisionTransformer, hf_weight_files, load_clip, read_weights,
+                      torch_load)
 
 
 # =====================================================================================================================
@@ -358,7 +359,7 @@ def read_hf_llama(folder: Path, args: ModelArgs, tied: bool, device, dtype) -> d
     that the peak stays near one copy of the weights (the mapped file's pages of a copied tensor are dropped)."""
     sd = {}
     for file in hf_weight_files(folder):
-        shard = read_weights(file)
+        shard = read_weights(file, "LLaMA checkpoint")
         for name in list(shard):
             meta = hf_to_meta_name(name)
             if meta is None:
@@ -387,7 +388,10 @@ def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
     shard_paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not shard_paths:
         raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}: expected Meta's checkpoint shards there")
-    params = json.loads(params_path.read_text())
+    try:
+        params = json.loads(params_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{params_path} is not valid JSON ({e})") from e
     if params.get("use_scaled_rope"):
         raise ValueError(f"{params_path} sets use_scaled_rope (Llama-3.1/3.2), a RoPE scaling this model does not "
                          f"implement: loading it without would rotate every position wrongly")
@@ -396,7 +400,7 @@ def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
     if unknown:
         raise ValueError(f"{params_path} has keys this loader does not understand: {unknown}; refusing rather than "
                          f"ignoring what they may change")
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shard_paths]
+    shards = [torch_load(p, "LLaMA checkpoint", mmap=True) for p in shard_paths]
     sd = merge_shards(shards)
     sd.pop("rope.freqs", None)
     args = ModelArgs(**{k: v for k, v in params.items() if k in known and v is not None})
@@ -736,15 +740,22 @@ def warmup_cosine(t: float, warmup: float, total: float, peak: float, floor: flo
 
 def save_checkpoint(path, obj: dict):
     """Write to a temporary file, flush it to disk, then rename over the old one: the rename is atomic, so a run killed
-    mid-save leaves the previous checkpoint intact, never a half-written file in its place."""
+    mid-save leaves the previous checkpoint intact, never a half-written file in its place. The temporary name holds
+    the writer's pid, so two writers never share one, and a failed write (a full disk, Ctrl-C) removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk: name the checkpoint that could not be written
+        raise
 
 
 def load_checkpoint(path) -> dict:
@@ -758,12 +769,8 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (train.py writes {{out_dir}}/ckpt.pt; "
                                 f"run `python train.py` first for the quick start's)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, a pickle we do not trust...
-        raise ValueError(f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}); "
-                         f"use an earlier checkpoint or start again") from e
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is neither a train.py checkpoint nor an official LaVIN adapter file (no 'model' "
                          f"dict of tensors)")
@@ -802,5 +809,22 @@ def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) 
     info.update({k: v for k, v in over.items() if k in info})
     model = load_lavin(info["llama_dir"], info["clip_path"], adapter_args, device, dtype, max_seq_len,
                        info["clip_every"], info["quant"])
+    if "config" in ckpt:
+        check_base(ckpt["config"], model, info)
     load_trainable(model, sd)  # converts the official conv_A/B/D, expert_weights names (adapters.py)
     return model.eval(), info
+
+
+def check_base(config: dict, model: LaVIN, info: dict):
+    """The base weights just loaded must be those the adapters were trained on (ckpt["config"]): the shapes, and what
+    shapes cannot reveal (head count, norm epsilon, RoPE base), each compared as the model uses it."""
+    def summary(la: ModelArgs, va: VisionArgs) -> dict:
+        llama = dict(dim=la.dim, n_layers=la.n_layers, n_heads=la.n_heads, n_kv_heads=la.n_kv_heads or la.n_heads,
+                     vocab_size=la.vocab_size, ffn_dim=la.ffn_dim, norm_eps=la.norm_eps, rope_theta=la.rope_theta)
+        return {**{f"llama {k}": v for k, v in llama.items()}, **{f"vision {k}": v for k, v in asdict(va).items()}}
+    trained = summary(ModelArgs(**config["llama"]), VisionArgs(**config["vision"]))
+    loaded = summary(model.llama.args, model.visual.args)
+    diff = [f"{k} {loaded[k]} (trained with {trained[k]})" for k in trained if loaded[k] != trained[k]]
+    if diff:
+        raise ValueError(f"the base weights {info['llama_dir']} + {info['clip_path']} are not those the adapters were "
+                         f"trained on: {', '.join(diff)}; pass the training run's --llama_dir / --clip_path")

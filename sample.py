@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from evaluate import add_eval_flags, add_model_flags, inference_setup, prompt_budget, run
+from evaluate import UserError, add_eval_flags, add_model_flags, cli, inference_setup, prompt_budget, run
 from model import LaVIN
 
 
@@ -47,7 +47,6 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-# =====================================================================================================================
 # =====================================================================================================================
 # Generation of one answer, streamed
 
@@ -218,17 +217,17 @@ def chat(model: LaVIN, tok, info: dict, s: Sampling, merge: bool, seed: int, ima
 
 def main(argv=None):
     args = get_args(argv)
+    if not args.eval and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("torchrun is for --eval (the split is sharded over the ranks); chat runs in one process")
     # torchrun sets RANK/WORLD_SIZE: one process per GPU (NCCL) or per CPU process (gloo); plain python: a single one
-    rank, world, device, model, tok, info = inference_setup(args)
+    rank, world, device, model, tok, info = inference_setup(args, evaluating=args.eval)
     if args.eval:
         run(args, rank, world, model, tok, info)
-    elif world > 1:
-        raise SystemExit("torchrun is for --eval (the split is sharded over the ranks); chat runs in one process")
     elif args.prompt is not None:  # one-shot: the answer alone on stdout (messages go to stderr), for scripts
         try:
             image = data.load_image_tensor(args.image, info["image_size"], info["norm"]) if args.image else None
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--image: {e}") from None
+            raise UserError(f"--image: {e}") from None
         # The same template as one chat turn, so a question gets the same answer here and as a chat's first question
         prompt = chat_prompt(tok, info, [], args.prompt, image is not None, prompt_budget(model))
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -245,4 +244,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -8,13 +8,18 @@ checkpoints in ../shared skip cleanly where that folder is absent.
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import runpy
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from argparse import Namespace
 from collections import OrderedDict
@@ -1037,7 +1042,7 @@ def test_load_clip_errors(tmp_path):
     with pytest.raises(ValueError, match="not a CLIP ViT vision checkpoint.*conv1.weight"):
         load_clip(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint" * 10)
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*junk\.pt"):
+    with pytest.raises(ValueError, match=r"cannot read CLIP checkpoint .*junk\.pt: corrupt or truncated"):
         load_clip(tmp_path / "junk.pt")
 
 
@@ -1607,7 +1612,8 @@ def tiny_setup(tmp_path_factory):
 
 
 def losses(out_dir):
-    return [json.loads(line)["loss"] for line in open(Path(out_dir) / "log.jsonl")]
+    """The logged losses, step by step (a resumed run's marker line has none)."""
+    return [r["loss"] for r in map(json.loads, open(Path(out_dir) / "log.jsonl")) if "loss" in r]
 
 
 def run_torchrun(flags, nproc):
@@ -1733,9 +1739,11 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
     flags[flags.index("--llama_dir") + 1] = str(bad)
     out = tmp_path / "out"
     save_checkpoint(out / "ckpt.pt", {"model": {}, "step": 7})  # an earlier, unrelated run's checkpoint
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
-        train.main(flags + ["--out_dir", str(out)])
+    with pytest.raises(train.UserError, match=r"--out_dir .*already holds a checkpoint.*--overwrite"):
+        train.main(flags + ["--out_dir", str(out)])  # a fresh run does not write over it
     assert load_checkpoint(out / "ckpt.pt")["step"] == 7  # left alone
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
+        train.main(flags + ["--out_dir", str(tmp_path / "fresh")])
 
 
 # =====================================================================================================================
@@ -1985,7 +1993,7 @@ def test_length_distribution():
 def test_unknown_flag_is_an_error():
     with pytest.raises(SystemExit):
         bench.get_args(["--no_such_flag"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(evaluate.UserError, match="--methods mma,adapterx: unknown"):
         bench.get_args(["--methods", "mma,adapterx"])
 
 
@@ -2339,3 +2347,203 @@ def test_hf_clip_folder_and_file_equal_openai_layout(tmp_path, monkeypatch):
     (hf_dir / "config.json").write_text(json.dumps({"vision_config": vision}))
     with pytest.raises(ValueError, match=r"config\.json says hidden_act 'gelu', but this tower computes QuickGELU"):
         load_clip(hf_dir)
+# --- Robustness: flags, user errors, resume, locks (train.py, sample.py, evaluate.py) ---
+
+def run_script(script, argv, monkeypatch, capsys):
+    """A script as its command runs it (its `if __name__ == "__main__"` block, through evaluate.cli), in this
+    process: -> (exit code, stderr). In-process because every new Python pays seconds to import torch here."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def bad_input_table(tiny_setup, ckpt, tmp_path):
+    """(script, argv, what the one error line must say)."""
+    t, out = tiny_setup["flags"], ["--out_dir", str(tmp_path / "out"), "--max_steps", "1"]  # 1 step if one slips by
+    train_ = lambda *a: ("train.py", [*t, *out, *a])  # noqa: E731
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 half a zip")
+    held = tmp_path / "held"
+    save_checkpoint(held / "ckpt.pt", {"model": {}, "optimizer": {}, "step": 3, "args": {"epochs": 2}})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "pid_splits.json").write_text("{not json")
+    llama_dir = Path(t[t.index("--llama_dir") + 1])
+    trunc = tmp_path / "llama_trunc"
+    trunc.mkdir()
+    (trunc / "params.json").write_text((llama_dir / "params.json").read_text())
+    (trunc / "consolidated.00.pth").write_bytes((llama_dir / "consolidated.00.pth").read_bytes()[:5000])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+    evil = tmp_path / "evil.pt"
+    torch.save({"visual.conv1.weight": Evil()}, evil)
+    # The same base weights, but a params.json that says 8 heads where training had 4: no shape can tell.
+    base = Path(load_checkpoint(ckpt)["args"]["llama_dir"])
+    heads = tmp_path / "llama_heads"
+    heads.mkdir()
+    params = json.loads((base / "params.json").read_text())
+    (heads / "params.json").write_text(json.dumps(dict(params, n_heads=2 * params["n_heads"])))
+    (heads / "consolidated.00.pth").symlink_to(base / "consolidated.00.pth")
+    c = ["--adapter", str(ckpt)]
+    return [
+        train_("--micro_batch", "-4", "--batch_size", "8") + ("--micro_batch -4: must be >= 1",),
+        train_("--micro_batch", "0") + ("--micro_batch 0: must be >= 1",),
+        train_("--batch_size", "0") + ("--batch_size 0: must be >= 1",),
+        train_("--epochs", "-3") + ("--epochs -3: must be >= 1",),
+        train_("--epochs", "0") + ("--epochs 0: must be >= 1",),
+        train_("--tau", "0") + ("--tau 0.0: must be > 0",),
+        train_("--dropout", "1.5") + ("--dropout 1.5: must be in [0, 1)",),
+        train_("--batch_size", "8", "--micro_batch", "3") + ("--batch_size 8: must be a multiple of --micro_batch",),
+        ("train.py", [*t[:t.index("--no_eval")], *t[t.index("--no_eval") + 1:], *out, "--eval_split", "dev"],
+         "--eval_split dev: not a split of"),
+        train_("--eval_max_new_tokens", "100000") + ("--eval_max_new_tokens 100000: must be in [1, --max_seq_len 160]",),
+        train_("--dtype", "bf16") + ("--dtype bf16: for GPUs",) if not torch.cuda.is_available() else None,
+        train_("--lora_targets", "q,zz", "--method", "lora") + ("zz",),
+        train_("--prompt_format", "QQQ-A") + ("--prompt_format QQQ-A: must be INPUT-OUTPUT",),
+        train_("--llama_dir", "/no/such/dir") + ("--llama_dir /no/such/dir: no such folder",),
+        train_("--clip_path", "/no/such.pt") + ("--clip_path /no/such.pt: no such file",),
+        train_("--data_dir", str(bad_json)) + (f"{bad_json}/pid_splits.json is not valid JSON",),
+        train_("--llama_dir", str(trunc)) + (f"cannot read LLaMA checkpoint {trunc}/consolidated.00.pth: corrupt",),
+        train_("--clip_path", str(evil)) + (f"cannot read CLIP checkpoint {evil}: it holds a pickled print, which the safe loader refuses",),
+        ("train.py", [*t, "--out_dir", str(held)], f"--out_dir {held}: already holds a checkpoint"),
+        ("train.py", [*t, "--out_dir", str(a_file)], f"--out_dir {a_file}: cannot write there"),
+        ("train.py", ["--llama_dir", str(llama_dir)], "--clip_path: required when training on real data"),
+        ("train.py", ["--resume", str(tmp_path / "none.pt")], f"checkpoint {tmp_path}/none.pt not found"),
+        ("train.py", ["--resume", str(junk)], f"cannot read checkpoint {junk}: corrupt or truncated"),
+        ("train.py", ["--resume", str(held / "ckpt.pt"), "--epochs", "5"], "--epochs: a resumed run keeps its checkpoint's value (2)"),
+        ("sample.py", [*c, "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+        ("sample.py", [*c, "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+        ("sample.py", [*c, "--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+        ("sample.py", [*c, "--eval", "--batch_size", "0"], "--batch_size 0: must be >= 1"),
+        ("evaluate.py", [*c, "--limit", "-3"], "--limit -3: must be >= 1"),
+        ("sample.py", [*c, "--dtype", "bf16", "--device", "cpu"], "--dtype bf16: for GPUs"),
+        ("sample.py", [*c, "--dtype", "fp16"], "--dtype fp16: for GPUs") if not torch.cuda.is_available() else None,
+        ("sample.py", [*c, "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "GPU(s) here"),
+        ("sample.py", [*c, "--device", "gpu"], "--device gpu: not a device name"),
+        ("sample.py", [*c, "--max_new_tokens", "100000"], "--max_new_tokens 100000: must be in [1, 128]"),
+        ("sample.py", [*c, "--image", "/no/such.png", "--prompt", "hi"], "--image /no/such.png: no such file"),
+        ("evaluate.py", [*c, "--split", "nosuch"], "--split nosuch: not a split of"),
+        ("evaluate.py", [*c, "--out", str(a_file / "preds.json")], f"--out {a_file}"),
+        ("evaluate.py", ["--adapter", str(tmp_path / "none.pt")], "not found"),
+        ("sample.py", [*c, "--llama_dir", str(heads)], "llama n_heads 8 (trained with 4)"),
+        ("bench.py", ["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+        ("bench.py", ["--methods", "mma,nope"], "--methods mma,nope: unknown ['nope']"),
+        ("bench.py", ["--json", "/no/such/dir/b.json"], "--json /no/such/dir/b.json: no folder"),
+    ]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_setup, ckpt, tmp_path, monkeypatch, capsys):
+    """Each bad input: a non-zero exit, one line naming the flag or file, no traceback, nothing trained."""
+    for script, argv, expected in filter(None, bad_input_table(tiny_setup, ckpt, tmp_path)):
+        code, err = run_script(script, argv, monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(lines) == 1 and expected in lines[0], (script, argv, err)
+        assert "Traceback" not in err and "weights_only=False" not in err, err
+        assert not (tmp_path / "out" / "ckpt.pt").exists() and not (tmp_path / "out" / "log.jsonl").exists()
+    # --debug shows the traceback instead
+    with pytest.raises(train.UserError, match="--epochs 0"):
+        run_script("train.py", [*tiny_setup["flags"], "--epochs", "0", "--debug"], monkeypatch, capsys)
+
+
+def test_quick_start_batch_geometry_fits_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = train.get_args([])
+    assert (args.batch_size, args.micro_batch) == (32, 16)  # 16 per rank x 2 ranks = the quick start's 32
+    train.check_args(args, 2)  # the geometry divides
+    assert train.get_args(["--micro_batch", "8"]).micro_batch == 8  # a value the user gave stays
+
+
+def wait_for(predicate, proc, timeout=240):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def logged(out_dir):
+    path = Path(out_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+def test_kill_resume_lock(tiny_setup, tmp_path):
+    """A run killed with SIGKILL resumes with its own --save_every and out_dir (from another folder, flags not
+    repeated); stopping that with Ctrl-C (SIGINT) prints one line with the resume command; neither loses more than
+    one save interval. While a run writes its out_dir, a second is refused with the first's pid; the lock a killed
+    run leaves is taken over, and one that ends cleans up its lock and temporary files."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    popen = lambda argv: subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=elsewhere, env=env,  # noqa: E731
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = popen(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"])
+    wait_for(lambda: len(logged(out)) >= 5, first)
+    with pytest.raises(train.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
+        train.main(["--resume", str(out / "ckpt.pt"), "--max_steps", "100"])
+    first.kill()
+    first.wait()
+    last, saved = logged(out)[-1]["step"], load_checkpoint(out / "ckpt.pt")["step"]
+    assert 0 <= last - saved <= 2, (last, saved)
+
+    second = popen(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)])
+    wait_for(lambda: len(logged(out)) >= last + 8, second)  # the old steps, the marker, and a few new ones
+    second.send_signal(signal.SIGINT)
+    stdout, stderr = second.communicate()
+    assert f"taking over the lock of pid {first.pid}" in stdout
+    assert second.returncode == 130 and "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        f"error: interrupted; continue with: python train.py --resume {out}/ckpt.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no lock, no temporary file
+    log = logged(out)
+    marker = [r for r in log if "resumed_from" in r]
+    assert marker == [{"resumed_from": str(out / "ckpt.pt"), "step": saved}]
+    ck = load_checkpoint(out / "ckpt.pt")
+    assert ck["args"]["save_every"] == 2 and ck["args"]["out_dir"] == str(out)  # kept, though not passed again
+    assert all(os.path.isabs(ck["args"][k]) for k in ("llama_dir", "clip_path", "tokenizer", "data_dir", "out_dir"))
+    assert 0 <= log[-1]["step"] - ck["step"] <= 2 and ck["step"] > saved
+
+
+def test_full_disk_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
+    """The writer fails with ENOSPC from the second save on: the first save's checkpoint stays, no temporary file
+    is left, the lock is released, and the one error line gives the resume command."""
+    real_save, calls = torch.save, []
+
+    def filling_save(obj, f):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f)
+        f.write(b"the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", filling_save)
+    out = tmp_path / "out"
+    code, err = run_script("train.py", tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2",
+                                                              "--max_steps", "6"], monkeypatch, capsys)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: No space left on device: {out}/ckpt.pt; continue with: python train.py --resume {out}/ckpt.pt"]
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no .tmp, no lock
+
+
+def test_corrupt_training_image_is_skipped_and_counted(tiny_setup, tmp_path, capsys):
+    flags = list(tiny_setup["flags"])
+    src = Path(flags[flags.index("--data_dir") + 1])
+    quiz_copy = tmp_path / "quiz"
+    shutil.copytree(src, quiz_copy)
+    splits = json.loads((quiz_copy / "pid_splits.json").read_text())
+    problems = json.loads((quiz_copy / "problems.json").read_text())
+    pid = next(p for p in splits["train"] if problems[p]["image"])
+    (quiz_copy / "images" / "train" / pid / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    flags[flags.index("--data_dir") + 1] = str(quiz_copy)
+    train.main(flags + ["--out_dir", str(tmp_path / "out"), "--max_steps", "2"])
+    text = capsys.readouterr().out
+    assert text.count(f"note: 1 training samples left out, their image unreadable (first: problem {pid}") == 2
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2

@@ -26,9 +26,11 @@ layouts; this file then loads them through the same loaders real weights use and
 
 import argparse
 import json
+import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,7 +43,8 @@ from tqdm import tqdm
 import data
 import quiz
 from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
-from evaluate import evaluate, setup_distributed
+from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
+                      setup_distributed)
 from model import IGNORE, LaVIN, count_params, load_checkpoint, load_lavin, save_checkpoint, warmup_cosine
 from router import default_tau
 
@@ -59,7 +62,8 @@ def make_parser():
                    "quantization, bf16 compute: QLoRA with --method lora, LaVIN-lite with mma (README, 'A 4-bit base')")
     g.add_argument("--clip_every", type=int, default=4, help="visual tokens: CLIP's class token after every Nth block "
                    "(4 as the official code: 6 tokens from ViT-L/14's 24 blocks)")
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data (every training image is decoded once before training starts; an unreadable one "
+                             "is left out, and the count is printed then and at the end)")
     g.add_argument("--data_dir", help="ScienceQA root: problems.json, pid_splits.json, images/ (default: the quiz)")
     g.add_argument("--instruction_json", help="LLaVA-Instruct / Alpaca JSON for the chatbot setting instead of ScienceQA")
     g.add_argument("--image_dir", help="image folder for --instruction_json (e.g. COCO train2014)")
@@ -106,23 +110,30 @@ def make_parser():
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of every LLaMA block")
     g.add_argument("--compile", action="store_true", help="torch.compile every LLaMA block")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
-    g.add_argument("--out_dir", default="out")
-    g.add_argument("--resume", help="checkpoint to continue from, with its flags (those given here win)")
+    g.add_argument("--out_dir", default="out", help="where ckpt.pt, log.jsonl and the predictions go; one run at a "
+                   "time (a lock file holds the writer's pid)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a checkpoint")
+    g.add_argument("--resume", help="checkpoint to continue from, with its flags; only these may be given again: "
+                   + ", ".join(f"--{k}" for k in RESUMABLE[1:]))
     g.add_argument("--save_every", type=int, default=0, help="also checkpoint every N optimizer steps")
     g.add_argument("--eval_every", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
     g.add_argument("--eval_split", default="test")
     g.add_argument("--eval_max_new_tokens", type=int, default=64)
     g.add_argument("--no_eval", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     return p
 
 
-# The quick start's own small settings. They apply only to flags the user did not pass.
-QUICK = dict(epochs=10, batch_size=32, micro_batch=32, blr=2e-2, warmup_epochs=0.5, max_seq_len=160, eval_split="test",
+# The quick start's own small settings. They apply only to flags the user did not pass; its micro-batch, unless given,
+# is each rank's whole share of the step (get_args).
+QUICK = dict(epochs=10, batch_size=32, blr=2e-2, warmup_epochs=0.5, max_seq_len=160, eval_split="test",
              eval_max_new_tokens=24, group_by_length=True, weight_decay=0.0, prompt_format="QCM-EA", clip_every=1)
 # What a resumed run may change: where it writes, when it stops, saves and evaluates. Everything else is the run's.
 RESUMABLE = ("resume", "out_dir", "max_steps", "save_every", "eval_every", "eval_split", "eval_max_new_tokens",
-             "no_eval", "workers")
+             "no_eval", "workers", "overwrite", "debug")
+NOT_SAVED = ("quick", "overwrite", "debug")  # what this invocation alone decides, not the run
+PATHS = ("llama_dir", "clip_path", "tokenizer", "data_dir", "instruction_json", "image_dir", "out_dir", "resume")
 
 
 def passed_flags(argv) -> set:
@@ -133,18 +144,72 @@ def passed_flags(argv) -> set:
     return set(vars(probe.parse_args(argv)))
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; known before the process group exists
+
+
 def get_args(argv=None):
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     given = passed_flags(argv)
-    if args.resume:  # the checkpoint's flags, except what a resumed run may change and the user did change
-        saved = load_checkpoint(args.resume)["args"]
-        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUMABLE if k in given | {"resume"}}})
+    if args.resume:  # the checkpoint's flags (defaults for flags it predates), and the RESUMABLE ones given here
+        ckpt = load_checkpoint(args.resume)
+        if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:
+            raise UserError(f"--resume {args.resume}: not a train.py checkpoint (an official adapter file has no "
+                            f"optimizer state to continue from)")
+        fixed = sorted(given - set(RESUMABLE))
+        if fixed:
+            raise UserError(f"--{fixed[0]}: a resumed run keeps its checkpoint's value "
+                            f"({ckpt['args'].get(fixed[0])}); only --" + ", --".join(RESUMABLE) + " may be given")
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["args"],
+                                     **{k: getattr(args, k) for k in given}})
     args.quick = not any(getattr(args, k) for k in ("llama_dir", "clip_path", "data_dir", "instruction_json"))
     if args.quick and not args.resume:
         for k, v in QUICK.items():
             if k not in given:
                 setattr(args, k, v)
+        if "micro_batch" not in given:
+            args.micro_batch = max(1, args.batch_size // world_size())
+    for k in PATHS:  # absolute, so that the checkpoint works from any folder
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(os.path.expanduser(getattr(args, k))))
     return args
+
+
+def check_args(args, world: int):
+    """Every flag, before any work: a mistake is one UserError line naming the flag, its value and what is allowed."""
+    pos, nonneg = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
+    check_flags(args, [("epochs", *pos), ("batch_size", *pos), ("micro_batch", *pos), ("max_steps", *pos),
+                       ("tau", lambda v: v > 0, "> 0 (the router's softmax temperature)"),
+                       ("blr", lambda v: v > 0, "> 0"),
+                       ("min_lr", *nonneg), ("weight_decay", *nonneg), ("warmup_epochs", *nonneg),
+                       ("max_seq_len", lambda v: v >= 32, ">= 32"), ("clip_every", *pos), ("adapter_dim", *pos),
+                       ("lora_rank", *pos), ("lora_alpha", lambda v: v > 0, "> 0"), ("mix_pool", *pos),
+                       ("mix_rank", *pos), ("mix_alpha", lambda v: v > 0, "> 0"),
+                       ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"), ("workers", *nonneg), ("save_every", *nonneg),
+                       ("eval_every", *nonneg), ("eval_max_new_tokens", lambda v: 1 <= v <= args.max_seq_len,
+                                                 f"in [1, --max_seq_len {args.max_seq_len}] (prompt and answer must "
+                                                 f"fit the RoPE table of 2 x max_seq_len)"),
+                       ("prompt_format", lambda v: v in data.PROMPT_FORMATS, "INPUT-OUTPUT such as QCM-ALE or CQM-A")])
+    if args.batch_size % (args.micro_batch * world):
+        raise UserError(f"--batch_size {args.batch_size}: must be a multiple of --micro_batch x ranks = "
+                        f"{args.micro_batch} x {world}")
+    adapter_args_from(args)  # AdapterArgs checks --lora_targets and the method's own settings
+    check_device(None, args.dtype)
+    check_paths(args, [("llama_dir", "folder"), ("clip_path", "file"), ("tokenizer", "file"), ("data_dir", "folder"),
+                       ("instruction_json", "file"), ("image_dir", "folder")])
+    if not args.quick:
+        for flag in ("llama_dir", "clip_path"):
+            if getattr(args, flag) is None:
+                raise UserError(f"--{flag}: required when training on real data (or give no data flags at all for "
+                                f"the quick start)")
+    if not args.instruction_json and not args.quick and not args.no_eval:
+        check_split("eval_split", args.eval_split, args.data_dir)
+    ckpt = Path(args.out_dir) / "ckpt.pt"
+    if ckpt.exists() and not args.overwrite and str(ckpt) != args.resume:
+        raise UserError(f"--out_dir {args.out_dir}: already holds a checkpoint; continue it with --resume {ckpt}, "
+                        f"start afresh there with --overwrite, or choose another --out_dir")
+    check_writable("out_dir", args.out_dir)
 
 
 # =====================================================================================================================
@@ -158,6 +223,11 @@ def all_sum(x: float, device) -> float:
     return float(t.item())
 
 
+# Rank 0 alone generates the quiz and pre-trains the stand-ins (minutes on a CPU, longer on a busy one) while the
+# other ranks wait: an hour, rather than the default 30 minutes, which a slow machine can outlast.
+QUICK_START_WAIT = timedelta(hours=1)
+
+
 def base_paths(args, master: bool):
     """The quick start's generated quiz and stand-ins (rank 0 makes them, the others wait), or the user's paths."""
     if args.quick:
@@ -165,16 +235,14 @@ def base_paths(args, master: bool):
             print("quick start: no --llama_dir/--clip_path/--data_dir given, so using the generated quiz and "
                   "pre-training tiny stand-ins for LLaMA and CLIP first (labelled as such)")
             quiz.quick_start("quiz", args.prompt_format, args.seed)
-        if dist.is_initialized():
-            dist.barrier()
+        if dist.is_initialized():  # a gloo group of its own: its barrier takes a timeout whatever the main backend
+            dist.monitored_barrier(dist.new_group(backend="gloo", timeout=QUICK_START_WAIT), timeout=QUICK_START_WAIT)
         # On every rank: the files exist now, so this only returns their paths.
-        args.data_dir, args.tokenizer, args.llama_dir, args.clip_path = quiz.quick_start("quiz", args.prompt_format,
-                                                                                         args.seed)
+        paths = quiz.quick_start("quiz", args.prompt_format, args.seed)
+        args.data_dir, args.tokenizer, args.llama_dir, args.clip_path = map(os.path.abspath, paths)
+        if not args.no_eval:
+            check_split("eval_split", args.eval_split, args.data_dir)
         return
-    for flag in ("llama_dir", "clip_path"):
-        if getattr(args, flag) is None:
-            raise SystemExit(f"--{flag} is required when training on real data (or give no data flags at all for the "
-                             f"quick start)")
     args.tokenizer = args.tokenizer or str(data.tokenizer_path(args.llama_dir))
 
 
@@ -194,14 +262,15 @@ def build(args, device, master: bool):
     model = load_lavin(args.llama_dir, args.clip_path, adapter_args_from(args), device, frozen_dtype, args.max_seq_len,
                        args.clip_every, args.quant)
     if model.llama.args.vocab_size != tok.n_words:
-        raise SystemExit(f"tokenizer {args.tokenizer} has {tok.n_words} pieces but the LLaMA at {args.llama_dir} "
-                         f"has a {model.llama.args.vocab_size}-row embedding: they do not belong together")
+        raise UserError(f"tokenizer {args.tokenizer} has {tok.n_words} pieces but the LLaMA at {args.llama_dir} "
+                        f"has a {model.llama.args.vocab_size}-row embedding: they do not belong together")
     vis = dict(image_size=model.visual.args.image_size, norm=args.norm, n_visual=model.visual.args.n_tokens)
     if args.instruction_json:
-        train_set = data.InstructionDataset(args.instruction_json, tok, args.image_dir, args.max_seq_len, **vis)
-    else:
+        train_set = data.InstructionDataset(args.instruction_json, tok, args.image_dir, args.max_seq_len, **vis,
+                                            skip_bad=True)
+    else:  # skip_bad: every image is decoded now, so none can stop the run mid-epoch
         train_set = data.ScienceQADataset(args.data_dir, "train", tok, args.prompt_format, args.max_seq_len, **vis,
-                                          cache_images=args.quick)
+                                          cache_images=args.quick, skip_bad=True)
     if master:
         trainable, total = count_params(model)
         tau = args.tau if args.tau is not None else default_tau(model.llama.args.dim)
@@ -210,7 +279,14 @@ def build(args, device, master: bool):
         if train_set.n_truncated:
             print(f"note: {train_set.n_truncated} samples exceed max_seq_len {args.max_seq_len} and were truncated "
                   f"(answer tail first; see data.encode_example)")
+        if train_set.skipped:
+            print(skipped_note(train_set))
     return model, tok, train_set
+
+
+def skipped_note(train_set) -> str:
+    return (f"note: {len(train_set.skipped)} training samples left out, their image unreadable (first: "
+            f"{train_set.skipped[0][1]})")
 
 
 def wrap_model(model: LaVIN, args, device, world: int):
@@ -350,7 +426,7 @@ def save(raw: LaVIN, opt, step: int, args, world: int, master: bool) -> str:
     path = Path(args.out_dir) / "ckpt.pt"
     if master:
         save_checkpoint(path, {"model": weights, "optimizer": optim, "step": step, "rng": rngs, "config": raw.config(),
-                               "args": {k: v for k, v in vars(args).items() if k != "quick"}})
+                               "args": {k: v for k, v in vars(args).items() if k not in NOT_SAVED}})
     if dist.is_initialized():
         dist.barrier()
     return str(path)
@@ -393,26 +469,79 @@ def show_routing(model: LaVIN) -> str:
 
 # =====================================================================================================================
 
+@contextmanager
+def out_dir_lock(out_dir, master: bool):
+    """One run writes an out_dir at a time: rank 0 holds `lock` there, a file with its pid, created atomically
+    (O_EXCL). A lock whose pid no longer runs was left by a killed run and is taken over, and the half-written
+    checkpoint such a run may have left (model.save_checkpoint's ckpt.pt.{pid}.tmp) is removed."""
+    if not master:
+        yield
+        return
+    lock = Path(out_dir) / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = lock.read_text().strip()
+            if not text.isdigit() or pid_alive(int(text)):  # no pid yet: the other run is writing it right now
+                raise UserError(f"--out_dir {out_dir}: another run (pid {text or 'starting'}) is writing there; wait "
+                                f"for it to end or choose another --out_dir") from None
+            print(f"note: taking over the lock of pid {text} in {out_dir}, which is no longer running")
+            lock.unlink(missing_ok=True)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    for stale in Path(out_dir).glob("ckpt.pt.*.tmp"):  # nobody else writes here now
+        stale.unlink()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def main(argv=None):
+    """Check every flag, lock the out_dir, train. A failure once a checkpoint exists carries the resume command."""
     args = get_args(argv)
+    check_args(args, world_size())
+    master = int(os.environ.get("RANK", 0)) == 0
+    with out_dir_lock(args.out_dir, master):
+        ckpt = Path(args.out_dir) / "ckpt.pt"
+        if master and args.overwrite and str(ckpt) != args.resume:  # the new run's checkpoints replace the old one
+            ckpt.unlink(missing_ok=True)
+        try:
+            return train(args)
+        except BaseException as e:
+            last = str(ckpt) if ckpt.is_file() else args.resume
+            if last and not isinstance(e, UserError):
+                launcher = "torchrun <the same launcher flags>" if world_size() > 1 else "python"
+                e.add_note(f"continue with: {launcher} train.py --resume {last}")
+            raise
+
+
+def train(args):
     rank, _, world, device = setup_distributed()
     master = rank == 0
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype != "fp32" and device.type == "cpu":
-        raise SystemExit("--dtype bf16/fp16 autocast is for GPUs; on CPU use the default fp32")
     torch.manual_seed(args.seed)  # identical model init on every rank (DDP also broadcasts rank 0's parameters)
     random.seed(args.seed + rank)
     base_paths(args, master)
     raw, tok, train_set = build(args, device, master)
 
-    # Batch geometry: a fixed global batch whatever the number of ranks.
-    if args.batch_size % (args.micro_batch * world):
-        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of micro_batch x ranks "
-                         f"= {args.micro_batch} x {world}")
+    # Batch geometry: a fixed global batch whatever the number of ranks (check_args saw it divide).
     accum = args.batch_size // (args.micro_batch * world)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training samples are fewer than one global batch of {args.batch_size}")
+        raise UserError(f"--batch_size {args.batch_size}: more than the {len(train_set)} training samples")
     total_steps = steps_per_epoch * args.epochs
     stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
 
@@ -425,11 +554,12 @@ def main(argv=None):
     step = resume_from(raw, opt, args, rank) if args.resume else 0
     last_good = args.resume
     if master:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; "
               f"global batch {args.batch_size} = {args.micro_batch} x {accum} accumulation x {world} ranks; "
               f"peak lr {args.blr * args.batch_size / 256:.3g}; loss normalisation: {args.loss_norm}")
-    log = open(Path(args.out_dir) / "log.jsonl", "a") if master else None
+    log = open(Path(args.out_dir) / "log.jsonl", "a" if args.resume else "w") if master else None
+    if log and args.resume:  # where this run took over: the steps after it may repeat ones the log already has
+        log.write(json.dumps({"resumed_from": args.resume, "step": step}) + "\n")
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"train {args.method}", dynamic_ncols=True)
     model.train()
     while step < stop:
@@ -470,16 +600,24 @@ def main(argv=None):
         evaluate_split(raw, tok, args, rank, world)
     if log:
         log.close()
+    if master and train_set.skipped:
+        print(skipped_note(train_set))
     if dist.is_initialized():
         dist.destroy_process_group()
     return raw
 
 
-if __name__ == "__main__":
+def command():
     try:
         main()
     except torch.cuda.OutOfMemoryError as e:
-        raise SystemExit(f"out of GPU memory: {str(e).splitlines()[0]}\nFlags that help, most effective first: "
-                         f"--micro_batch 1 or 2 (accumulation keeps the global batch), --grad_ckpt (recompute "
-                         f"activations), --fsdp under torchrun (shards the frozen backbones), a shorter --max_seq_len. "
-                         f"The last good checkpoint, if any, is in --out_dir.") from e
+        err = UserError(f"out of GPU memory: {str(e).splitlines()[0]}; flags that help, most effective first: "
+                        f"--micro_batch 1 or 2 (accumulation keeps the global batch), --grad_ckpt (recompute "
+                        f"activations), --fsdp under torchrun (shards the frozen backbones), a shorter --max_seq_len")
+        for note in getattr(e, "__notes__", []):  # the resume command main() attached
+            err.add_note(note)
+        raise err from e
+
+
+if __name__ == "__main__":
+    cli(command)
