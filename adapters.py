@@ -183,9 +183,11 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        # Apply A first, then B: (.., d_in) -> (.., r) -> (.., d_out), never forming the d_out x d_in product.
-        z = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + self.scaling * z
+        # Apply A first, then B: (.., d_in) -> (.., r) -> (.., d_out), never forming the d_out x d_in product. The
+        # scaling and the sum ride in B's matmul (addmm's alpha and its added input): no extra (.., d_out) passes.
+        z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (.., r)
+        out = torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.to(x.dtype).t(), alpha=self.scaling)
+        return out.view_as(y)
 
     @torch.no_grad()
     def merge(self):
