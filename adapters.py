@@ -411,18 +411,24 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = frozen_linear(x, self.weight, self.bias)
-        if self.original is not None:  # merged: the update is already inside self.weight
+        if self.merged:  # the update is already inside self.weight
             return y
-        # Apply A first, then B: (.., d_in) -> (.., r) -> (.., d_out), never forming the d_out x d_in product.
-        z = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + self.scaling * z
+        # Apply A first, then B: (.., d_in) -> (.., r) -> (.., d_out), never forming the d_out x d_in product. The
+        # scaling and the sum ride in B's matmul (addmm's alpha and its added input): no extra (.., d_out) passes.
+        z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (.., r)
+        out = torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.to(x.dtype).t(), alpha=self.scaling)
+        return out.view_as(y)
+
+    @property
+    def merged(self) -> bool:
+        return self.original is not None
 
     @torch.no_grad()
     def merge(self):
         """W = W0 + (alpha/r) B A: no inference overhead afterwards. W0 waits meanwhile, for unmerge: on the CPU, since
         subtracting the update again would not give W0 back bit for bit in bf16; or, for a 4-bit base, as it is, while
         the merge folds into a dequantized copy of it, made once."""
-        if self.original is None:
+        if not self.merged:
             if isinstance(self.weight, NF4Weight):
                 self.original, w = self.weight, self.weight.dequantize()
                 del self.weight

@@ -57,12 +57,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from adapters import LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes, quantize_llama_
-from clip_vit import VISION_PRESETS, save_safetensors
+from clip_vit import VISION_PRESETS, VisionTransformer, save_safetensors
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
 from evaluate import UserError, check_flags, cli
-from model import IGNORE, LLAMA_PRESETS, build_lavin, count_params, load_llama
+from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the paper claims (Table 6 and the official README's model zoo), and what it trains on
@@ -118,6 +119,8 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="also write the JSON result to this path")
     p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
                    "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
+    p.add_argument("--compare", action="store_true",
+                   help="only the side-by-side against a transformers-style reference (see compare_with_reference)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     args = p.parse_args(argv)
@@ -687,12 +690,175 @@ def print_nf4(result: dict, args):
           "(adapters._NF4Matmul); dequant once = one pass over all of them, one gather and one multiply per weight.")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Side by side with what users would otherwise pick. transformers + peft are not dependencies, so the peer is a plain
+# re-implementation of the same math as transformers' eager LlamaForCausalLM path: rotate_half RoPE (wq/wk rows
+# permuted as HF's convert_llama_weights_to_hf.py does), repeat_kv, an explicit additive mask, a KV cache grown by
+# concatenation, the head on the last position only at generation (their logits_to_keep), peft-style LoRA with its own
+# dropout and scaling per linear. The same weights give the same loss and the same greedy tokens as ours.
+
+COMPARE = dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1408, vocab_size=32000)  # LoRA r=8 on all seven linears
+
+
+def reference_weights(model) -> dict:
+    """Our LaVIN's LLaMA weights in transformers' layout: [(W, A, B, scaling) per linear] per layer."""
+    llama = model.llama
+    H, D = llama.args.n_heads, llama.args.head_dim
+    perm = lambda w: w.view(H, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)  # interleaved -> halves
+    layers = []
+    for layer in llama.layers:
+        a, f = layer.attention, layer.feed_forward
+        lins = {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "gate": f.w1, "up": f.w3, "down": f.w2}
+        # A merged LoRA (peft's merge_and_unload) is a plain linear: A = None
+        layers.append({n: ((perm(m.weight) if n in "qk" else m.weight), None if m.merged else m.lora_A,
+                           perm(m.lora_B) if n in "qk" else m.lora_B, m.scaling, m.dropout.p) for n, m in lins.items()})
+        layers[-1].update(ln1=layer.attention_norm.weight, ln2=layer.ffn_norm.weight)
+    return {"layers": layers, "emb": llama.tok_embeddings.weight, "norm": llama.norm.weight,
+            "head": llama.output.weight, "H": H, "eps": llama.args.norm_eps, "theta": llama.args.rope_theta}
+
+
+def reference_forward(R, ids, pos0: int, cache=None, train=False, last_only=False):
+    """ids (B, T) at RoPE positions pos0.. (ours puts the modality token at 0, so prompts start at 1) -> logits."""
+    def lora(x, w):  # peft's Linear: base(x) + lora_B(lora_A(dropout(x))) * scaling
+        W, A, Bm, s, p = w
+        y = F.linear(x, W)
+        return y if A is None else y + F.linear(F.linear(F.dropout(x, p, train), A), Bm) * s
+
+    def rms(x, w):
+        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + R["eps"])).to(x.dtype)
+
+    def rot(x):  # rotate_half
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+    B, T = ids.shape
+    H = R["H"]
+    h = R["emb"][ids]  # (B, T, C)
+    D = h.shape[-1] // H
+    past = 0 if cache is None or not cache else cache[0][0].shape[2]
+    inv = 1.0 / (R["theta"] ** (torch.arange(0, D, 2).float() / D))
+    fr = torch.outer(torch.arange(pos0 + past, pos0 + past + T).float(), inv)
+    cos, sin = torch.cat((fr, fr), -1).cos(), torch.cat((fr, fr), -1).sin()  # (T, D)
+    mask = torch.full((T, past + T), float("-inf")).triu(past + 1)  # (T, S) additive causal mask
+    for i, L in enumerate(R["layers"]):
+        x = rms(h, L["ln1"])
+        q, k, v = (lora(x, L[n]).view(B, T, -1, D).transpose(1, 2) for n in ("q", "k", "v"))  # (B, H, T, D)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        if cache is not None:
+            if len(cache) > i:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+                cache[i] = (k, v)
+            else:
+                cache.append((k, v))
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # repeat_kv
+        att = torch.softmax((q @ k.transpose(2, 3) / math.sqrt(D) + mask).float(), -1).to(q.dtype) @ v
+        h = h + lora(att.transpose(1, 2).reshape(B, T, -1), L["o"])
+        x = rms(h, L["ln2"])
+        h = h + lora(F.silu(lora(x, L["gate"])) * lora(x, L["up"]), L["down"])
+    h = rms(h, R["norm"])
+    return F.linear(h[:, -1:] if last_only else h, R["head"]).float()
+
+
+def reference_generate(R, ids, new: int) -> list[list[int]]:
+    cache, out = [], []
+    x = ids
+    for _ in range(new):
+        nxt = reference_forward(R, x, 1, cache, last_only=True)[:, -1].argmax(-1)  # (B,)
+        out.append(nxt)
+        x = nxt[:, None]
+    return torch.stack(out, 1).tolist()
+
+
+def reference_loss(R, ids, labels, train=True):
+    logits = reference_forward(R, ids, 1, train=train)  # transformers: position t predicts label t + 1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def compare_models(cfg: dict, seed: int = 0):
+    """Ours (LaVIN with LoRA r=8 on the seven linears, tiny CLIP) with random weights, and its reference view."""
+    torch.manual_seed(seed)
+    model = LaVIN(Transformer(ModelArgs(**cfg)), VisionTransformer(VISION_PRESETS["tiny"]),
+                  AdapterArgs(method="lora", lora_rank=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)  # the LoRA B too, so the updates are not zero
+    return model, reference_weights(model)
+
+
+def compare_with_reference(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128) -> dict:
+    """Median times of ours / the reference, interleaved (turns alternate who goes first, so load hits both)."""
+    model, R = compare_models(cfg, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    B, T = batch
+    ids = torch.randint(3, cfg["vocab_size"], (B, T), generator=g)
+    ids[:, 0] = 1
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3 * T // 4:] = ids[:, 3 * T // 4:]  # the last quarter is the answer, as make_batch
+    text = torch.zeros(B, dtype=torch.long)
+    train_params = [p for p in model.parameters() if p.requires_grad]
+    opts = [torch.optim.AdamW(train_params, lr=1e-4), torch.optim.AdamW(train_params, lr=1e-4)]
+
+    def step(loss_fn, opt):
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        model.eval()
+        loss_gap = abs(model(ids, text, labels=labels).item() - reference_loss(R, ids, labels, False).item())
+    # name: (ours, a maker of the reference's callable, called once the model is set up for the row, training?)
+    rows = {"LoRA step": (lambda: step(lambda: model(ids, text, labels=labels), opts[0]),
+                          lambda: lambda: step(lambda: reference_loss(R, ids, labels), opts[1]), True)}
+    same = {}
+    for b in (1, 8):
+        p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
+        p[:, 0] = 1
+        ours = lambda p=p: model.generate(p.tolist(), [False] * len(p), None, max_new_tokens=new, eos_id=-1)
+        rows[f"generate b={b}"] = (ours, lambda p=p: lambda Rm=reference_weights(model): reference_generate(Rm, p, new),
+                                   False)
+    result = {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "loss_gap": loss_gap, "rows": {}}
+    for name, (f_ours, make_ref, train) in rows.items():
+        model.train(train)
+        if not train:
+            model.merge(0)  # generation serves a merged model, as sample.py does (and peft's merge_and_unload)
+        f_ref = make_ref()
+        with torch.set_grad_enabled(train):
+            if not train:
+                same[name] = f_ours() == f_ref()  # greedy tokens of the merged model
+            times = ([], [])
+            for i in range(args.warmup + args.steps):
+                for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    t0 = time.perf_counter()
+                    (f_ours, f_ref)[j]()
+                    if i >= args.warmup:
+                        times[j].append(time.perf_counter() - t0)
+        model.unmerge()
+        o, r = (statistics.median(t) for t in times)
+        pair = [a / b for a, b in zip(*times)]
+        result["rows"][name] = {"ours_ms": 1e3 * o, "ref_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair),
+                                "ratio_max": max(pair), "same_tokens": same.get(name)}
+    print(f"== Ours vs a transformers-style reference (a re-implementation of transformers' eager LLaMA + peft LoRA, "
+          f"not the library), {result['device']}, torch {result['torch']}, {result['threads']} threads, fp32, "
+          f"dim {cfg['dim']}, {cfg['n_layers']} layers, FFN {cfg['hidden_dim']}, vocab {cfg['vocab_size']}, LoRA r=8; "
+          f"train {B} x {T}, generate {prompt} + {new} tokens; loss gap {loss_gap:.1e} ==")
+    print(f"{'':<16} {'ours ms':>9} {'ref ms':>9} {'ratio':>6} {'pairwise':>11} {'same tokens':>12}")
+    for name, r in result["rows"].items():
+        tok = "-" if r["same_tokens"] is None else "yes" if r["same_tokens"] else "NO"
+        print(f"{name:<16} {r['ours_ms']:>9.0f} {r['ref_ms']:>9.0f} {r['ratio']:>6.2f} "
+              f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f} {tok:>12}")
+    print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ratio < 1: ours is faster")
+    return result
+
+
 def main(argv=None) -> dict:
     args = get_args(argv)
     if args.load_memory:
         return {"load_memory": load_memory()}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        return compare_with_reference(args)
     torch.manual_seed(args.seed)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.

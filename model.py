@@ -29,7 +29,7 @@ import argparse
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -164,8 +164,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, Hkv, S, D)
         # SDPA accumulates the softmax in fp32 (Meta's reference upcasts explicitly). LaVIN needs an explicit mask,
-        # causal plus the blocked modality column, so we pass a boolean mask rather than is_causal=True.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # causal plus the blocked modality column (and left padding at generation); mask None means plain causal.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
@@ -256,21 +256,32 @@ class Transformer(nn.Module):
         so every row starts at position 0 however long its prompt. `mask_first` hides each row's first real slot from
         all later ones (LaVIN's modality token, lavin/model.py's mask).
         """
-        B, T, _ = h.shape
-        dev = h.device
+        cos, sin, mask = self.tables(h.shape[0], start_pos, h.shape[1], pad, mask_first)
+        return self.run_blocks(h, cos, sin, mask, start_pos, pad)
+
+    def tables(self, B: int, start_pos: int, T: int, pad: torch.Tensor | None = None, mask_first: bool = False):
+        """RoPE cos, sin (B, T, D/2) and the boolean mask (B, 1, T, S) of T queries from slot start_pos on, S =
+        start_pos + T. The mask is None where it is plain causal (no padding, no hidden slot, no earlier slots), so
+        that SDPA takes its is_causal path, which skips the masked half instead of computing and discarding it."""
+        dev = self.rope_cos.device
+        plain = pad is None and not mask_first and start_pos == 0
         pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad
         slots = torch.arange(start_pos, start_pos + T, device=dev)  # (T,) the query slots
         keys = torch.arange(start_pos + T, device=dev)  # (S,) every slot attended so far
         pos = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T) RoPE position of each query
-        if pos.max() >= self.rope_cos.shape[0]:
-            raise ValueError(f"position {int(pos.max())} is beyond the RoPE table; raise max_seq_len")
+        if start_pos + T > self.rope_cos.shape[0]:  # pos <= slot: checked on the host, with no device sync
+            raise ValueError(f"slot {start_pos + T - 1} is beyond the RoPE table; raise max_seq_len")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, T, D/2)
+        if plain:
+            return cos, sin, None
         q_, k_, p_ = slots[None, :, None], keys[None, None, :], pad[:, None, None]  # (1,T,1), (1,1,S), (B,1,1)
         # Causal, and no key inside the left padding; a padding query may see itself (an all-masked row is NaN).
         allowed = ((k_ <= q_) & (k_ >= p_)) | (k_ == q_)  # (B, T, S)
         if mask_first:
             allowed = allowed & ~((k_ == p_) & (q_ > p_))  # nobody after the modality token may attend to it
-        mask = allowed[:, None]  # (B, 1, T, S), broadcast over heads
+        return cos, sin, allowed[:, None]  # mask (B, 1, T, S), broadcast over heads
+
+    def run_blocks(self, h, cos, sin, mask, start_pos: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
             if self.grad_ckpt and self.training:
                 # Non-reentrant: the reentrant variant skips the backward when its inputs do not require grad, which
@@ -283,6 +294,41 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) for every position, in fp32."""
         return self.output(self.forward_embeds(self.tok_embeddings(tokens), start_pos)).float()
+
+
+class PackedLinear(nn.Module):
+    """
+    A frozen linear for CPU inference in fp32, its weight reordered once into oneDNN's blocked layout (what
+    torch.compile's CPU weight-prepacking pass does): decode is a chain of matrix-vector products that read every
+    weight once per token, and the blocked layout reads them faster than F.linear's plain one. Same math; sums may
+    round differently in the last bit.
+    """
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = lin.weight, lin.bias  # kept for the dtype and device that setup_cache reads
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@contextmanager
+def packed_linears(llama: "Transformer"):
+    """While generating on CPU in fp32, swap every static linear of the LLaMA (plain, merged LoRA, MMA folded into
+    q/k/v) for a PackedLinear; restore the originals afterwards. Elsewhere (GPU, bf16, unmerged LoRA, MixLoRA) a
+    no-op."""
+    w = llama.output.weight
+    usable = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    swaps = [(mod, name, lin) for mod in llama.modules() for name, lin in mod.named_children()
+             if usable and (type(lin) is nn.Linear or (isinstance(lin, LoRALinear) and lin.merged))]
+    for mod, name, lin in swaps:
+        setattr(mod, name, PackedLinear(lin))
+    try:
+        yield
+    finally:
+        for mod, name, lin in swaps:
+            setattr(mod, name, lin)
 
 
 # Meta's model-parallel checkpoints split each tensor across shards: column-parallel weights on dim 0, row-parallel ones
@@ -533,13 +579,18 @@ class LaVIN(nn.Module):
         tokens: the cross-entropy over the labelled positions (answer tokens and EOS), mean or sum. Slot t of the
         sequence predicts token t (slot 0, the modality token, predicts BOS, which is never labelled).
         """
+        if labels is not None:
+            # The head and its vocab-wide softmax only where a label is: in LaVIN's data most of a row is prompt, so
+            # this skips most of the largest matmul. Slot t predicts token t, so labelled (b, t) reads slot (b, t) of
+            # the (B, 1 + T) sequence. Finding them reads a count from the device: before the blocks are queued.
+            where = (labels != IGNORE).nonzero()  # (N, 2) rows and columns of the labelled tokens
+            flat = where[:, 0] * (labels.shape[1] + 1) + where[:, 1]  # (N,) their index in the flattened sequence
         h = self.llama.forward_embeds(self.embed(tokens, has_image, vis_mask, images), mask_first=True)
         if labels is None:
             return self.llama.output(h).float()
-        logits = self.llama.output(h[:, :-1])  # (B, T, vocab): the last slot predicts nothing we have
+        logits = self.llama.output(h.flatten(0, 1)[flat])  # (N, vocab)
         # The loss in fp32 (the official code takes it on fp16 logits; README, difference 7).
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                               reduction=reduction)
+        loss = F.cross_entropy(logits.float(), labels[where[:, 0], where[:, 1]], reduction=reduction)
         if images is None and self.training:
             loss = loss + self.visual_touch()
         return loss
@@ -641,7 +692,8 @@ class LaVIN(nn.Module):
         batch gives the same tokens as each prompt alone (the official code instead forces prompt tokens into the
         sampled stream and decodes with positions one short; README, differences 3 and 4). The modality token stays in
         cache slot `pad`, hidden from later queries by the mask, so cache slot - pad = the training position. The loop
-        stops when every row has produced EOS (the official loop always runs to the end; README, difference 5).
+        stops once every row has produced EOS, looking every 8 steps (the official loop always runs to the end; README,
+        difference 5).
         """
         llama = self.llama
         dev = llama.tok_embeddings.weight.device
@@ -660,14 +712,26 @@ class LaVIN(nn.Module):
         order = torch.where(s < pad[:, None], s + 1, torch.where(s == pad[:, None], 0, s))  # (B, 1 + P)
         h = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
 
+        with packed_linears(llama):
+            rows = self.decode(h, pad, B, P, max_new_tokens, temperature, top_p, eos_id, generator, on_token)
+        return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+
+    def decode(self, h, pad, B: int, P: int, max_new_tokens, temperature, top_p, eos_id, generator, on_token):
+        """generate's loop: prefill the prompt slots h (B, 1 + P, C), then one token per step; (B, steps) lists."""
+        llama, dev = self.llama, h.device
         total = 1 + P + max_new_tokens
         llama.setup_cache(B, total)
+        # RoPE tables and mask for every slot of the call, built once: each step slices its row. The mask becomes an
+        # additive 0/-inf one in the weights' dtype, which SDPA adds as it is instead of converting a boolean per layer.
+        cos, sin, allowed = llama.tables(B, 0, total, pad, mask_first=True)  # (B, total, D/2) x2, (B, 1, total, total)
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         try:
             out = []
             done = torch.zeros(B, dtype=torch.bool, device=dev)
-            x = llama.forward_embeds(h, 0, pad, mask_first=True)[:, -1:]  # prefill: (B, 1, C), the last slot
+            p = slice(0, 1 + P)  # prefill: every prompt slot at once; keep the last slot's state (B, 1, C)
+            x = llama.run_blocks(h, cos[:, p], sin[:, p], bias[:, :, p, p], 0, pad)[:, -1:]
             start = 1 + P
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 logits = llama.output(x[:, -1]).float()  # (B, vocab)
                 nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -675,14 +739,17 @@ class LaVIN(nn.Module):
                 if on_token is not None:
                     on_token(nxt)
                 done |= nxt == eos_id
-                if bool(done.all()):
-                    break
-                x = llama.forward_embeds(llama.tok_embeddings(nxt[:, None]), start, pad, mask_first=True)
+                # Asking whether every row is done reads a flag from the device, which makes a GPU drain its queue;
+                # so ask every 8 steps. Finished rows only add EOS, which generate's cut removes: the same tokens.
+                if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):
+                    break  # (the last token needs no forward pass of its own)
+                s = slice(start, start + 1)
+                x = llama.run_blocks(llama.tok_embeddings(nxt[:, None]), cos[:, s], sin[:, s],
+                                     bias[:, :, s, :start + 1], start, pad)  # (B, 1, C)
                 start += 1
         finally:
             llama.clear_cache()
-        rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
-        return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+        return torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:

@@ -2547,3 +2547,66 @@ def test_corrupt_training_image_is_skipped_and_counted(tiny_setup, tmp_path, cap
     text = capsys.readouterr().out
     assert text.count(f"note: 1 training samples left out, their image unreadable (first: problem {pid}") == 2
     assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
+
+
+# =====================================================================================================================
+# Speed paths (model.py's packed decode and label-only head, adapters.py's fused LoRA, bench.py's reference)
+# =====================================================================================================================
+
+def test_generate_takes_packed_path_with_the_same_tokens():
+    # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
+    # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
+    # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
+    from model import PackedLinear
+    model = tiny_lavin("lora").eval()
+    model.merge(0)
+    seen = []
+    p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    p[:, 0] = 1
+    out = model.generate(p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
+        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
+    assert seen == [True] * 6
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
+    lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
+    both = model.generate(lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
+    assert both == [model.generate([q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
+
+
+def test_label_only_head_equals_full_logits_loss():
+    model = tiny_lavin("lora").eval()
+    tokens, has_image, vis_mask, images, labels = make_batch()
+    with torch.no_grad():
+        logits = model(tokens, has_image, vis_mask, images)[:, :-1]  # (B, T, V): slot t predicts token t
+        full = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
+        ours = model(tokens, has_image, vis_mask, images, labels=labels, reduction="sum")
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_equals_its_formula_and_plain_causal_skips_the_mask():
+    from adapters import LoRALinear
+    lin = LoRALinear(nn.Linear(8, 6, bias=False), rank=2, alpha=4.0, dropout=0.0)
+    nn.init.normal_(lin.lora_B)
+    x = torch.randn(3, 5, 8)
+    ref = x @ lin.weight.T + 2.0 * (x @ lin.lora_A.T) @ lin.lora_B.T
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    llama = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=20, multiple_of=16))
+    assert llama.tables(2, 0, 5)[2] is None  # -> SDPA's is_causal (parity: test_llama_matches_meta_reference)
+    assert llama.tables(2, 0, 5, mask_first=True)[2].shape == (2, 1, 5, 5)
+
+
+def test_bench_reference_matches_ours():
+    # bench.py --compare times ours against this stand-in for transformers + peft: same loss, same greedy tokens
+    cfg = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=300)
+    model, R = bench.compare_models(cfg)
+    model.eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    labels = torch.full_like(ids, data.IGNORE)
+    labels[:, 8:] = ids[:, 8:]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, torch.zeros(2, dtype=torch.long), labels=labels),
+                                   bench.reference_loss(R, ids, labels, train=False), rtol=1e-5, atol=1e-5)
+    model.merge(0)
+    assert model.generate(ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
+        bench.reference_generate(bench.reference_weights(model), ids, 8)
