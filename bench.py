@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from adapters import LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes, quantize_llama_
 from clip_vit import VISION_PRESETS, VisionTransformer, save_safetensors
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
-from evaluate import UserError, check_flags, cli
+from evaluate import UserError, check_flags, cli, generate
 from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
             t0 = time.perf_counter()
             with amp:
                 # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
-                out = model.generate(prompts, has_image, images, max_new_tokens=args.gen_tokens, eos_id=-1,
+                out = generate(model, prompts, has_image, images, max_new_tokens=args.gen_tokens, eos_id=-1,
                                      on_token=on_token)
             sync(args.device)
             runs.append((time.perf_counter() - t0, stamps[0] - t0, stamps[-1] - stamps[0]))
@@ -813,7 +813,7 @@ def compare_with_reference(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128
     for b in (1, 8):
         p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
         p[:, 0] = 1
-        ours = lambda p=p: model.generate(p.tolist(), [False] * len(p), None, max_new_tokens=new, eos_id=-1)
+        ours = lambda p=p: generate(model, p.tolist(), [False] * len(p), None, max_new_tokens=new, eos_id=-1)
         rows[f"generate b={b}"] = (ours, lambda p=p: lambda Rm=reference_weights(model): reference_generate(Rm, p, new),
                                    False)
     result = {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),

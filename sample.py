@@ -1,6 +1,6 @@
 """
 Talk to a trained LaVIN: an interactive, streaming chat and a one-shot prompt, on the one generation path that
-evaluation uses too (LaVIN.generate in model.py; Luo et al., NeurIPS 2023, §4.1; luogen1996/LaVIN demo.py,
+evaluation uses too (evaluate.generate; Luo et al., NeurIPS 2023, §4.1; luogen1996/LaVIN demo.py,
 lavin/generator.py).
 
     python sample.py                                          # chat with the quick start's out/ckpt.pt (CPU is fine)
@@ -13,7 +13,7 @@ In the chat, type a question; `/image PATH` attaches an image (`/image` alone re
 `/max N` change the sampling, `/reset` starts a new conversation, `/quit` or Ctrl-D leaves. Answers stream token by
 token. Piped stdin works the same way, so a session can be scripted.
 
-What generation does, and where it departs from the official code (details in model.py, LaVIN.generate): a static
+What generation does, and where it departs from the official code (details in evaluate.generate): a static
 KV cache, with the routing weights of every layer read once, at prefill, from the modality token; correct RoPE
 positions and an early stop at EOS (README, differences 3 and 5); by default the LLaMA-side adapters folded into
 q/k/v for the answer's modality (difference 6), so they cost nothing, `--no_merge` runs them as separate modules;
@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from evaluate import UserError, add_eval_flags, add_model_flags, cli, inference_setup, prompt_budget, run
+from evaluate import (UserError, add_eval_flags, add_model_flags, cli, for_modality, generate, inference_context,
+                      inference_setup, prompt_budget, run)
 from model import LaVIN
 
 
@@ -59,7 +60,7 @@ class Sampling:
 
 class Streamer:
     """
-    LaVIN.generate's on_token callback for a batch of one: prints the answer as it grows. Decoding each token alone
+    evaluate.generate's on_token callback for a batch of one: prints the answer as it grows. Decoding each token alone
     would lose the spaces: SentencePiece marks a word start with "▁" and decode() drops the leading space of the first
     piece, so "▁is" alone decodes to "is". Instead we decode the whole answer so far and print only what is new
     (gpt-fast's trick); a trailing U+FFFD means a multi-byte character is still incomplete, so we wait for the rest.
@@ -94,10 +95,10 @@ def answer(model: LaVIN, tok, prompt_ids: list[int], image: torch.Tensor | None,
     """One prompt (data.py's layout: BOS, prefix, placeholders, text) and an optional image (3, S, S) -> the answer
     text. With on_text, pieces of the answer are passed to it as they are generated."""
     has_image = image is not None
-    model.for_modality(int(has_image), merge)  # re-folds only when the modality changed since the last answer
+    for_modality(model, int(has_image), merge)  # re-folds only when the modality changed since the last answer
     streamer = Streamer(tok, on_text) if on_text is not None else None
-    with model.autocast():
-        ids = model.generate([prompt_ids], [has_image], image[None] if has_image else None, s.max_new_tokens,
+    with inference_context(model):
+        ids = generate(model, [prompt_ids], [has_image], image[None] if has_image else None, s.max_new_tokens,
                              s.temperature, s.top_p, tok.eos_id, generator, on_token=streamer)[0]
     if streamer is not None:
         streamer.finish()  # whatever was held back (an incomplete character at the very end)

@@ -415,10 +415,10 @@ def test_generation_batched_equals_alone_and_cache_equals_recompute():
     model = tiny_lavin("mma").eval()
     tokens, has_image, vis_mask, images, _ = make_batch()
     prompts = [tokens[0, :7].tolist(), tokens[1].tolist(), tokens[2, :12].tolist()]
-    batched = model.generate(prompts, has_image, images, max_new_tokens=5, eos_id=-1)
+    batched = evaluate.generate(model, prompts, has_image, images, max_new_tokens=5, eos_id=-1)
     for b in range(3):
         img = images[b - 1:b] if has_image[b] else None
-        assert model.generate([prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
+        assert evaluate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
         seq = list(prompts[b])
         for _ in range(5):  # full recomputation, no cache
             t = torch.tensor([seq])
@@ -619,11 +619,11 @@ def test_adapters_fold_into_a_4bit_base(method):
     tokens, has_image, _, _, _ = make_batch()
     with torch.no_grad():
         ref = model(tokens[:1], has_image[:1])
-        gen = model.generate([[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
+        gen = evaluate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
         model.merge(0)
         assert isinstance(model.llama.layers[0].attention.wq.weight, nn.Parameter)  # a dense, merged copy
         torch.testing.assert_close(model(tokens[:1], has_image[:1]), ref, rtol=1e-4, atol=1e-4)
-        assert model.generate([[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
+        assert evaluate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
         model.unmerge()
         assert isinstance(model.llama.layers[0].attention.wq.weight, NF4Weight)
         assert torch.equal(model(tokens[:1], has_image[:1]), ref)
@@ -1823,9 +1823,9 @@ def test_batch_equals_alone(model, tok):
     assert len({len(p) for p in ps}) == 4
     imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
     model.unmerge()  # a mixed batch needs the adapters as modules
-    batch = model.generate(ps, has, imgs, max_new_tokens=12)
-    alone = [model.generate([ps[0]], [True], imgs[:1], 12)[0], model.generate([ps[1]], [False], None, 12)[0],
-             model.generate([ps[2]], [True], imgs[1:], 12)[0], model.generate([ps[3]], [False], None, 12)[0]]
+    batch = evaluate.generate(model, ps, has, imgs, max_new_tokens=12)
+    alone = [evaluate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], evaluate.generate(model, [ps[1]], [False], None, 12)[0],
+             evaluate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], evaluate.generate(model, [ps[3]], [False], None, 12)[0]]
     assert batch == alone
 
 
@@ -2557,20 +2557,20 @@ def test_generate_takes_packed_path_with_the_same_tokens():
     # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
     # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
     # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
-    from model import PackedLinear
+    from evaluate import PackedLinear
     model = tiny_lavin("lora").eval()
     model.merge(0)
     seen = []
     p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
     p[:, 0] = 1
-    out = model.generate(p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
+    out = evaluate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
         all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
     assert seen == [True] * 6
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
     lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
-    both = model.generate(lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
-    assert both == [model.generate([q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
+    both = evaluate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
+    assert both == [evaluate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
 
 
 def test_label_only_head_equals_full_logits_loss():
@@ -2608,5 +2608,5 @@ def test_bench_reference_matches_ours():
         torch.testing.assert_close(model(ids, torch.zeros(2, dtype=torch.long), labels=labels),
                                    bench.reference_loss(R, ids, labels, train=False), rtol=1e-5, atol=1e-5)
     model.merge(0)
-    assert model.generate(ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
+    assert evaluate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
         bench.reference_generate(bench.reference_weights(model), ids, 8)
