@@ -1704,3 +1704,50 @@ def test_cpu_side_by_side_run(capsys, tmp_path):
     mma_rows = {r["model"]: r["trainable"] for r in parsed["params"] if r["method"] == "MMA (LaVIN)"}
     assert mma_rows == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
     assert result["train"][0]["label"] == "MMA (LaVIN)"
+
+
+# --- Quick start pre-training (quiz.py) ---
+
+def test_pretrain_batches_are_length_grouped_epochs():
+    lengths = [random.Random(i).randint(40, 100) for i in range(256)]
+    batches = quizgen._pretrain_batches(lengths, 8, 40, seed=3)
+    assert len(batches) == 40 and all(len(b) == 8 for b in batches)
+    assert sorted(i for b in batches[:32] for i in b) == list(range(256))  # the first epoch: every sample once
+    assert batches == quizgen._pretrain_batches(lengths, 8, 40, seed=3)  # a function of the seed alone
+    pads = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    shuffled = [list(range(256))[i:i + 8] for i in range(0, 256, 8)]
+    assert pads(batches[:32]) < pads(shuffled) / 3
+
+
+def test_pretrain_llama_standin_resumes_bit_exact(tmp_path, data_small_quiz, monkeypatch, capsys):
+    """Killed mid-interval (after its step-4 checkpoint) and rerun, pre-training ends exactly where an uninterrupted
+    run does; a checkpoint made with other settings is not resumed; the checkpoint goes once the weights are saved."""
+    folder, tok = data_small_quiz
+    kw = dict(steps=6, batch=4, corpus=48, save_every=2)
+    whole = quizgen.pretrain_llama_standin(folder, tok, tmp_path / "whole", "QCM-EA", **kw)
+
+    def kill_at(n):  # collate runs once per step: raise on the n-th call, as a Ctrl-C would
+        calls, real = [0], data.collate
+        def collate(samples):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+            return real(samples)
+        monkeypatch.setattr(quizgen, "collate", collate)
+
+    out = tmp_path / "resumed"
+    kill_at(6)  # during step 6: step 5 is lost, the checkpoint holds 4
+    with pytest.raises(KeyboardInterrupt):
+        quizgen.pretrain_llama_standin(folder, tok, out, "QCM-EA", **kw)
+    assert load_checkpoint(out / "pretrain_ckpt.pt")["step"] == 4 and not (out / "consolidated.00.pth").exists()
+    kill_at(1)
+    with pytest.raises(KeyboardInterrupt):  # other settings: starts over rather than resuming
+        quizgen.pretrain_llama_standin(folder, tok, out, "QCM-EA", **dict(kw, lr=1e-3))
+    assert "starting over" in capsys.readouterr().out
+    monkeypatch.undo()
+    quizgen.pretrain_llama_standin(folder, tok, out, "QCM-EA", **kw)
+    assert "resuming the stand-in LLaMA's pre-training at step 4 of 6" in capsys.readouterr().out
+    assert not (out / "pretrain_ckpt.pt").exists()
+    a, b = (torch.load(d / "consolidated.00.pth", weights_only=True) for d in (whole, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "params.json").read_text() == (out / "params.json").read_text()
