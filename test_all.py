@@ -2032,6 +2032,47 @@ def test_quiz_design(tmp_path):
         assert answer in r["hint"].replace(".", "").split(), r
 
 
+def test_pretrain_batches_are_seeded_draws():
+    batches = quizgen._pretrain_batches(100, 8, 40, seed=3)
+    assert len(batches) == 40 and all(len(b) == 8 and all(0 <= i < 100 for i in b) for b in batches)
+    assert batches == quizgen._pretrain_batches(100, 8, 40, seed=3)  # a function of the seed alone
+    assert batches != quizgen._pretrain_batches(100, 8, 40, seed=4)
+
+
+def test_pretrain_llama_standin_resumes_bit_exact(tmp_path, quiz, tok, monkeypatch, capsys):
+    """Killed mid-interval (after its step-4 checkpoint) and rerun, pre-training ends exactly where an uninterrupted
+    run does; a checkpoint made with other settings is not resumed; the checkpoint goes once the weights are saved."""
+    folder = quiz
+    kw = dict(steps=6, batch=4, corpus=48, save_every=2)
+    whole = quizgen.pretrain_llama_standin(folder, tok, tmp_path / "whole", "QCM-EA", **kw)
+
+    def kill_at(n):  # collate runs once per step: raise on the n-th call, as a Ctrl-C would
+        calls, real = [0], data.collate
+        def collate(samples):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+            return real(samples)
+        monkeypatch.setattr(quizgen, "collate", collate)
+
+    out = tmp_path / "resumed"
+    kill_at(6)  # during step 6: step 5 is lost, the checkpoint holds 4
+    with pytest.raises(KeyboardInterrupt):
+        quizgen.pretrain_llama_standin(folder, tok, out, "QCM-EA", **kw)
+    assert load_checkpoint(out / "pretrain_ckpt.pt")["step"] == 4 and not (out / "consolidated.00.pth").exists()
+    kill_at(1)
+    with pytest.raises(KeyboardInterrupt):  # other settings: starts over rather than resuming
+        quizgen.pretrain_llama_standin(folder, tok, out, "QCM-EA", **dict(kw, lr=1e-3))
+    assert "starting over" in capsys.readouterr().out
+    monkeypatch.undo()
+    quizgen.pretrain_llama_standin(folder, tok, out, "QCM-EA", **kw)
+    assert "resuming the stand-in LLaMA's pre-training at step 4 of 6" in capsys.readouterr().out
+    assert not (out / "pretrain_ckpt.pt").exists()
+    a, b = (torch.load(d / "consolidated.00.pth", weights_only=True) for d in (whole, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "params.json").read_text() == (out / "params.json").read_text()
+
+
 # =====================================================================================================================
 # train.py: methods, flags, DDP/FSDP2, checkpoints, resume
 # =====================================================================================================================
