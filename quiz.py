@@ -383,7 +383,7 @@ def _pretrain_batches(n: int, batch: int, steps: int, seed: int) -> list[list[in
     return [torch.randint(n, (batch,), generator=g).tolist() for _ in range(steps)]
 
 
-def pretrain_llama_standin(quiz: Path, tok: Tokenizer, out: Path, fmt: str, steps: int = 1000, batch: int = 32,
+def pretrain_llama_standin(quiz: Path, tok: Tokenizer, out: Path, fmt: str, steps: int = 600, batch: int = 32,
                            lr: float = 5e-3, corpus: int = 20_000, save_every: int = 100, seed: int = 0) -> Path:
     """
     Stand-in for LLaMA's pre-training, labelled as such: a tiny LLaMA (the `tiny` preset) learns the quiz's language

@@ -127,7 +127,7 @@ def make_parser():
 
 # The quick start's own small settings. They apply only to flags the user did not pass; its micro-batch, unless given,
 # is each rank's whole share of the step (get_args).
-QUICK = dict(epochs=10, batch_size=32, blr=2e-2, warmup_epochs=0.5, max_seq_len=160, eval_split="test",
+QUICK = dict(epochs=6, batch_size=32, blr=2e-2, warmup_epochs=0.5, max_seq_len=160, eval_split="test",
              eval_max_new_tokens=24, group_by_length=True, weight_decay=0.0, prompt_format="QCM-EA", clip_every=1)
 # What a resumed run may change: where it writes, when it stops, saves and evaluates. Everything else is the run's.
 RESUMABLE = ("resume", "out_dir", "max_steps", "save_every", "eval_every", "eval_split", "eval_max_new_tokens",
