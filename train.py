@@ -268,7 +268,7 @@ def build(args, device, master: bool):
     if args.instruction_json:
         train_set = data.InstructionDataset(args.instruction_json, tok, args.image_dir, args.max_seq_len, **vis,
                                             skip_bad=True)
-    else:  # skip_bad: every image is decoded now, so none can stop the run mid-epoch
+    else:  # skip_bad: every image is decoded now, so none can stop the run mid-epoch (README, difference 22)
         train_set = data.ScienceQADataset(args.data_dir, "train", tok, args.prompt_format, args.max_seq_len, **vis,
                                           cache_images=args.quick, skip_bad=True)
     if master:
