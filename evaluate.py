@@ -27,6 +27,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -478,6 +479,7 @@ def evaluate(model: LaVIN, tokenizer, problems: list[dict], data_dir, split, fmt
     The model is left unmerged and in the train/eval mode it came in.
     """
     # Generation, each rank on its own batches; under FSDP2 with the whole model gathered on every rank first.
+    t0 = time.perf_counter()
     with unsharded(model):
         raw = generate_split(model, tokenizer, problems, data_dir, split, fmt, norm, batch_size, max_new_tokens, rank,
                              world, merge, seed, temperature, top_p)
@@ -485,6 +487,7 @@ def evaluate(model: LaVIN, tokenizer, problems: list[dict], data_dir, split, fmt
         parts = [None] * world
         dist.all_gather_object(parts, raw)
         raw = {pid: text for part in parts for pid, text in part.items()}
+    seconds = time.perf_counter() - t0  # generation and gathering: what the problems/s below measures
 
     # Parse in the split's order with a seeded RNG (the official fallback is unseeded; README, difference 16): the
     # draws are the same on every rank, in every run and for any number of ranks.
@@ -497,7 +500,8 @@ def evaluate(model: LaVIN, tokenizer, problems: list[dict], data_dir, split, fmt
         scores = score_table({rec["pid"]: rec for rec in problems}, preds, n_fallback)
         print(f"ScienceQA {split}: {len(problems)} problems, {world} rank(s), "
               f"{'greedy' if temperature <= 0 else f'temperature {temperature}, top_p {top_p}'}, "
-              f"adapters {'merged' if merge else 'unmerged'}")
+              f"adapters {'merged' if merge else 'unmerged'}; generated in {seconds:.1f} s, "
+              f"{len(problems) / seconds:.1f} problems/s")
         print(format_table(scores))
         if out is not None:
             record = {pid: {"pred": p, "text": raw[pid]} for pid, p in preds.items()}
