@@ -44,6 +44,8 @@ from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VISION_P
 from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params,
                    load_checkpoint, load_llama, rope_tables, save_checkpoint)
 from bench import param_table
+from evaluate import PackedLinear
+from router import FactorRouter, default_tau
 from train import wrap_model
 import re
 from dataclasses import replace
@@ -196,7 +198,6 @@ def _in_group(rank, world, port, worker, args):
 def test_router_temperature_is_one_rule_of_the_llama_width():
     """router.default_tau gives 10 for 7B and 5 for 13B (the official scripts), and every model built without an
     explicit tau, on either tower, asks it; an official adapter file loaded by evaluate.py goes through the same."""
-    from router import default_tau
     for size, tau in (("7B", 10.0), ("13B", 5.0), ("tiny", 10.0)):
         m = build_lavin(size, "ViT-L/14" if size != "tiny" else "tiny", device="meta")
         assert default_tau(m.llama.args.dim) == tau
@@ -750,7 +751,6 @@ def test_mixlora_router_gradients(mode, router_grad):
 
 
 def test_mixlora_uniform_scores_reproduce_unweighted_update():
-    from router import FactorRouter
     fr = FactorRouter(8, pool=6, rank=3, cfs="dot", mode="weighted")
     with torch.no_grad():
         fr.route_a.weight.zero_()
@@ -998,7 +998,6 @@ def test_nf4_under_ddp_and_fsdp2():
 
 
 def test_fused_lora_equals_its_formula_and_plain_causal_skips_the_mask():
-    from adapters import LoRALinear
     lin = LoRALinear(nn.Linear(8, 6, bias=False), rank=2, alpha=4.0, dropout=0.0)
     nn.init.normal_(lin.lora_B)
     x = torch.randn(3, 5, 8)
@@ -1934,7 +1933,6 @@ def test_generate_takes_packed_path_with_the_same_tokens():
     # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
     # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
     # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
-    from evaluate import PackedLinear
     model = tiny_lavin("lora").eval()
     model.merge(0)
     seen = []
