@@ -1,42 +1,41 @@
 """
-bench.py: check LaVIN's efficiency claims on your own hardware, side by side with LoRA, MixLoRA and full fine-tuning.
+bench.py: LaVIN's efficiency claims measured on your own hardware, side by side with LoRA, MixLoRA and full fine-tuning.
 
 The paper's headline is cost (Luo et al., NeurIPS 2023, arXiv 2305.15023, Table 6 and the official README's model zoo):
 LaVIN-7B trains 3.8M parameters (exactly 3,781,296) for 20 ScienceQA epochs in 1.4 h on 8 A100s, peaking at 33.9 GB
-and leaving a 15 MB checkpoint; LaVIN-13B trains 5.4M (5,390,080) in 2 h, 55.9 GB, 20 MB. This script prints
+and leaving a 15 MB checkpoint; LaVIN-13B trains 5.4M (5,390,080) in 2 h, 55.9 GB, 20 MB. One run prints, as tables
+and then as one JSON object (also written to --json PATH):
 
-  1. trainable parameters and checkpoint size by method at the real 7B/13B shapes (built on the meta device: no
-     memory, no weights), beside the paper's figures;
-  2. a measured training step (forward, backward, AdamW) per method on this machine: step time, tokens/s,
-     samples/s, peak memory, and achieved FLOP/s with the FLOP count it rests on;
-  3. the wall time that step extrapolates to for ScienceQA (12,726 samples x epochs on --gpus such devices), next to
-     the paper's hours and to the floor set by the device's peak FLOP/s; and, device-independent, what the paper's
-     1.4 h / 2 h on 8 A100s imply about its utilisation;
+  1. trainable parameters and checkpoint size by method at the real 7B/13B shapes (meta device: no weights, no memory);
+  2. a measured training step per method (forward, backward, AdamW): step time, tokens/s, samples/s, peak memory, and
+     achieved FLOP/s and MFU with the FLOP count they rest on;
+  3. the wall time that step extrapolates to for ScienceQA (12,726 samples x epochs on --gpus such devices), beside the
+     paper's hours and the floor set by the device's peak; and what the paper's hours imply about its utilisation;
   4. generation throughput with the KV cache, adapters merged into the weights against unmerged;
+  5. a 4-bit NF4 base (QLoRA, LaVIN-lite): exact frozen bytes at 7B/13B and, with --quant nf4, its step beside.
 
-as readable tables, then as one JSON object (also written to --json PATH).
-
-    python bench.py                                      # CPU: tiny model, all four methods, under 2 minutes
+    python bench.py                                      # CPU: tiny model, all four methods, under a minute
     python bench.py --model 7B --methods mma,lora        # one GPU: random weights of the real shapes, the real step
+    python bench.py --model 7B --methods mma,lora --quant nf4   # ... and again on a 4-bit base (LaVIN-lite, QLoRA)
     python bench.py --model 13B --seq pad512 --gpus 8    # 13B as the official code pads it (to 512 tokens)
     python bench.py --model 7B --methods full --batch_size 1   # full FT in pure bf16 (~56 GB + activations)
+    python bench.py --compare                            # instead: ours against a transformers + peft-style reference
+    python bench.py --load_memory                        # instead: host memory of loading a sharded HF checkpoint
 
 No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
 materialised on the GPU with `to_empty` and filled with random numbers.
 
-FLOPs and MFU with a frozen base. nanoGPT's 6N per token assumes every weight trains: 2N forward,
-2N for the input gradients, 2N for the weight gradients. A frozen weight that gradients must pass through (every LLaMA
-weight here, since the adapters and the visual neck sit at its input) skips the weight gradient and costs 4N; a frozen
-weight with nothing trainable below it (CLIP under LoRA, which runs under no_grad) costs 2N. So per LLaMA token
+FLOPs and MFU with a frozen base. nanoGPT's 6N per token assumes every weight trains: 2N forward, 2N for the input
+gradients, 2N for the weight gradients. A frozen weight that gradients must pass through (every LLaMA weight here, since
+the adapters and the visual neck sit at its input) skips the weight gradient and costs 4N; a frozen weight with nothing
+trainable below it (CLIP under LoRA, which runs under no_grad) costs 2N. So per LLaMA token
 
     F(T) = 4 N_frozen + 6 N_trainable + 12 L d T            (T: the padded sequence length the kernels really process)
 
-plus the CLIP tower once per image. MFU = (F per step / step time) / device peak: the fraction of the peak spent on
-work the method cannot avoid. Counting a frozen base as 6N would inflate MFU by about 1.5x. Decoding is memory-bound,
-so part 4 reports bandwidth (weight bytes read per second), not MFU.
-
-Read the extrapolation for what it is: the measured FLOP/s held constant over every batch of the run, perfect scaling
-across --gpus devices, and no data loading. For the tiny CPU model it describes that toy, not LaVIN-7B on A100s.
+plus the CLIP tower once per image. MFU = (F per step / step time) / device peak: the share of the peak spent on work
+the method cannot avoid (a frozen base counted as 6N would inflate it about 1.5x). Decoding is memory-bound, so part 4
+reports bandwidth (weight bytes read per second), not MFU. The extrapolation holds the measured FLOP/s at every length,
+scales perfectly across --gpus devices and loads no data; for the tiny CPU model it describes that toy, not LaVIN-7B.
 
 Tests: python -m pytest -q test_all.py -k bench
 """
@@ -59,17 +58,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters import LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes, quantize_llama_
+from adapters import (LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes,
+                      quantize_llama_)
 from clip_vit import VISION_PRESETS, VisionTransformer, save_safetensors
-from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, sequence_head
+from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
 from evaluate import UserError, check_flags, cli, generate
 from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
 
-# ---------------------------------------------------------------------------------------------------------------------
 # What the paper claims (Table 6 and the official README's model zoo), and what it trains on
-
-PAPER = {"7B": dict(trainable="3.8M", hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),
-         "13B": dict(trainable="5.4M", hours=2.0, gpus=8, gpu="A100", mem_gb=55.9, ckpt_mb=20)}
+PAPER = {"7B": dict(trainable=3_781_296, hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),
+         "13B": dict(trainable=5_390_080, hours=2.0, gpus=8, gpu="A100", mem_gb=55.9, ckpt_mb=20)}
 SQA_TRAIN = 12_726  # ScienceQA train problems
 SQA_IMAGES = 6_218  # of which have an image (48.9%): these pay for a CLIP pass
 MAX_SEQ_LEN = 512  # the official max_seq_len: longer samples are truncated, and the official loader pads to it
@@ -87,31 +85,25 @@ def get_args(argv=None):
                    help="LLaMA shapes of the measured step (default tiny; 7B/13B: random weights, need a GPU)")
     p.add_argument("--vision", default=None, choices=list(VISION_PRESETS),
                    help="CLIP tower (default: tiny for --model tiny, ViT-L/14 otherwise)")
-    p.add_argument("--methods", default=None,
-                   help="comma list of " + ",".join(METHODS) + " (default: all four on CPU, where the tiny model "
-                        "makes them cheap; mma on a GPU, where each 7B build takes a while)")
-    p.add_argument("--lora_rank", type=int, default=64,
-                   help="LoRA rank of the measured lora row (default 64, LLaVA's)")
-    p.add_argument("--batch_size", type=int, default=4,
-                   help="samples per device per step (default 4, the official per-GPU batch)")
+    p.add_argument("--methods", default=None, help="comma list of " + ",".join(METHODS) + " (default: all four on "
+                   "CPU, where the tiny model makes them cheap; mma on a GPU, where each 7B build takes a while)")
+    p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank of the measured lora row (default 64, LLaVA's)")
+    p.add_argument("--batch_size", type=int, default=4, help="samples per device per step (default 4, the official)")
     p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"],
                    help="lengths: real ScienceQA distribution padded to each batch's longest (default, as our "
                         "data.collate), or every sample padded to 512 (as the official loader)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps; the median is reported (default 5)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed steps first: allocator, cuBLAS heuristics, compile (default 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first: allocator, cuBLAS heuristics, compile")
     p.add_argument("--gpus", type=int, default=8, help="N devices for the extrapolation (default 8, as the paper)")
-    p.add_argument("--epochs", type=int, default=20,
-                   help="ScienceQA epochs for the extrapolation (default 20, as the paper)")
+    p.add_argument("--epochs", type=int, default=20, help="ScienceQA epochs to extrapolate to (default 20)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak for MFU and the floor (default: looked up for A100/H100/H200 in bf16)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
                    help="frozen weights and autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
-    p.add_argument("--quant", choices=["nf4"], help="parts 2-4 on a 4-bit NF4 base (QLoRA / LaVIN-lite); part 5 "
-                                                   "compares it with the --dtype base either way")
-    p.add_argument("--gen_tokens", type=int, default=16,
-                   help="new tokens per prompt in the generation benchmark (default 16)")
+    p.add_argument("--quant", choices=["nf4"], help="also measure every adapter method on a 4-bit NF4 base (QLoRA, "
+                   "LaVIN-lite), beside the --dtype base")
+    p.add_argument("--gen_tokens", type=int, default=16, help="new tokens per prompt in part 4 (default 16)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default on CPU: 1; the tiny model's 128-wide matmuls gain little "
                         "from more, and on a shared machine threads that wait for busy cores make steps up to 10x "
@@ -120,7 +112,7 @@ def get_args(argv=None):
     p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
                    "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
     p.add_argument("--compare", action="store_true",
-                   help="only the side-by-side against a transformers-style reference (see compare_with_reference)")
+                   help="instead: the side-by-side against a transformers-style reference (see compare)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     args = p.parse_args(argv)
@@ -130,12 +122,11 @@ def get_args(argv=None):
                        ("peak_tflops", lambda v: v > 0, "> 0")])
     if args.json and not Path(args.json).parent.is_dir():
         raise UserError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
-
     # The current device: one GPU if there is one (bench measures one device; part 3 scales to --gpus of them).
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model != "tiny" and args.device.type != "cuda":
         raise UserError(f"--model {args.model} needs a GPU: its frozen weights alone are "
-                f"{'13' if args.model == '7B' else '26'} GB in bf16 (on CPU use --model tiny)")
+                        f"{'13' if args.model == '7B' else '26'} GB in bf16 (on CPU use --model tiny)")
     args.vision = args.vision or ("tiny" if args.model == "tiny" else "ViT-L/14")
     methods = args.methods or (",".join(METHODS) if args.device.type == "cpu" else "mma")  # see --help
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -153,8 +144,8 @@ def get_args(argv=None):
 def _linear_cost(lin, grad_in: bool) -> float:
     """FLOPs per token through one (possibly LoRA-wrapped) linear: 2 per weight forward, 2 more if gradients must
     pass to its input, 2 more if the weight itself trains. LoRA factors train: 6 per factor weight."""
-    w = lin.weight
-    cost = (2 + 2 * grad_in + 2 * w.requires_grad) * w.numel()
+    w = lin.weight  # a tensor, or an NF4Weight (--quant nf4), a frozen module that answers .shape like one
+    cost = (2 + 2 * grad_in + 2 * _trains(w)) * w.shape.numel()
     if isinstance(lin, MixLoRALinear):
         # Only the r chosen rank-1 factors of the pool of E touch a token: r (d_in + d_out) weights, not E (...).
         # The routers run once per sequence on the pooled input, so their cost is ignored (< 0.1% at 7B).
@@ -162,6 +153,10 @@ def _linear_cost(lin, grad_in: bool) -> float:
     elif isinstance(lin, LoRALinear):
         cost += 6 * (lin.lora_A.numel() + lin.lora_B.numel())
     return cost
+
+
+def _trains(w) -> bool:
+    return isinstance(w, torch.Tensor) and w.requires_grad
 
 
 def _adapter_cost(adapter) -> float:
@@ -182,13 +177,12 @@ def flop_model(model) -> dict:
     linears = [lin for layer in llama.layers for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
                layer.attention.wo, layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3)]
     linears.append(llama.output)  # the head is on the loss path; the input embedding is a lookup and not counted
-    n_frozen = sum(lin.weight.numel() for lin in linears if not lin.weight.requires_grad)
+    n_frozen = sum(lin.weight.shape.numel() for lin in linears if not _trains(lin.weight))
     llama_mm = sum(_linear_cost(lin, grad_in=True) for lin in linears)  # exact FLOPs per token, LoRA factors included
     llama_mm += sum(_adapter_cost(layer.adapter_attn) for layer in llama.layers)
     # Frozen weights cost exactly 4 each above, so the rest is 6 x the trainable weights a token touches: all of them
     # in full fine-tuning, the LoRA factors, MixLoRA's r chosen factors, or the MM-Adapters' projections.
     n_trainable = (llama_mm - 4 * n_frozen) / 6
-
     # CLIP per image: T_v = patches + CLS tokens (257 at ViT-L/14 and 224 px), every block, plus the neck.
     a = vis.args
     t_vis = (a.image_size // a.patch_size) ** 2 + 1
@@ -197,7 +191,7 @@ def flop_model(model) -> dict:
                   for b in vis.blocks for lin in (b.attn.in_proj, b.attn.out_proj, b.mlp.c_fc, b.mlp.c_proj))
     attn = (12 if vis_grad else 4) * a.layers * a.width * t_vis  # QK^T and AV: 4 L d T forward, twice that backward
     patch = _linear_cost(vis.conv1, grad_in=False) * (t_vis - 1)  # the patch conv is a matmul; pixels need no gradient
-    neck = sum(_linear_cost(fc, True) for fc in (model.adapter_proj.fc1, model.adapter_proj.fc2)) * model.visual.args.n_tokens
+    neck = sum(_linear_cost(fc, True) for fc in (model.adapter_proj.fc1, model.adapter_proj.fc2)) * a.n_tokens
     return {"n_frozen": n_frozen, "n_trainable": n_trainable, "llama_matmul": llama_mm,
             "attn_coef": 12 * llama.args.n_layers * llama.args.dim,  # x T gives the attention FLOPs per token
             "vision_per_image": t_vis * (per_tok + attn) + patch + neck}
@@ -221,30 +215,18 @@ def batch_flops(fm: dict, batch_len, batch_size: int, n_images) -> float:
 METHOD_ROWS = [("MMA (LaVIN)", dict(method="mma")), ("LoRA r=8", dict(method="lora", lora_rank=8)),
                ("LoRA r=64", dict(method="lora", lora_rank=64)),
                ("MixLoRA E=16 r=4", dict(method="mixlora", mix_pool=16, mix_rank=4)), ("Full", dict(method="full"))]
-PAPER_TRAINABLE = {"7B": 3_781_296, "13B": 5_390_080}  # the exact counts behind the paper's 3.8M and 5.4M
 
 
 def param_table(sizes=("7B", "13B")) -> list[dict]:
-    """Trainable parameters and fp32 checkpoint size by method for LaVIN at the real shapes, built on the meta device
-    (no weights, no memory)."""
+    """Trainable parameters and fp32 checkpoint size by method for LaVIN at the real shapes, on the meta device."""
     rows = []
     for size in sizes:
         for label, over in METHOD_ROWS:
-            model = build_lavin(size, "ViT-L/14", AdapterArgs(**over), device="meta")
-            trainable, total = count_params(model)
+            trainable, total = count_params(build_lavin(size, "ViT-L/14", AdapterArgs(**over), device="meta"))
             rows.append({"model": f"LaVIN-{size}", "method": label, "trainable": trainable, "total": total,
                          "share_%": 100 * trainable / total, "ckpt_MB": trainable * 4 / 1e6,
-                         "paper": PAPER_TRAINABLE[size] if over["method"] == "mma" else None})
+                         "paper": PAPER[size]["trainable"] if over["method"] == "mma" else None})
     return rows
-
-
-def format_param_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<10} {'method':<18} {'trainable':>15} {'share':>8} {'ckpt (fp32)':>12} {'paper':>12}"]
-    for r in rows:
-        paper = f"{r['paper']:,}" if r["paper"] else "-"
-        lines.append(f"{r['model']:<10} {r['method']:<18} {r['trainable']:>15,} {r['share_%']:>7.3f}% "
-                     f"{r['ckpt_MB']:>9.1f} MB {paper:>12}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,68 +234,53 @@ def format_param_table(rows: list[dict]) -> str:
 
 def sample_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
     """n training-sequence lengths (modality token + BOS ... EOS) drawn from data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES by
-    inverse-CDF sampling with linear interpolation between the tabulated percentiles; truncated at 512 like the
-    official loader."""
-    pct = np.array(sorted(SCIENCEQA_TRAIN_LENGTH_PERCENTILES), dtype=float)  # (K,) 0, 5, ..., 100
-    val = np.array([SCIENCEQA_TRAIN_LENGTH_PERCENTILES[k] for k in sorted(SCIENCEQA_TRAIN_LENGTH_PERCENTILES)], float)
-    # A uniform percentile u maps to the length at that percentile: the samples follow the tabulated CDF, piecewise
-    # linearly in between (the top 1% is the coarsest stretch, but only 1% of samples live there).
-    lens = np.interp(rng.uniform(0, 100, n), pct, val)  # (n,)
+    inverse-CDF sampling, linear between the tabulated percentiles (so the samples follow the tabulated CDF);
+    truncated at 512 like the official loader."""
+    pct = sorted(SCIENCEQA_TRAIN_LENGTH_PERCENTILES)  # 0, 5, ..., 100
+    lens = np.interp(rng.uniform(0, 100, n), pct, [SCIENCEQA_TRAIN_LENGTH_PERCENTILES[k] for k in pct])  # (n,)
     return np.minimum(np.round(lens), MAX_SEQ_LEN).astype(int)
 
 
 def make_batch(lengths, pad_to, vocab: int, image_size: int, n_visual: int, device, gen: torch.Generator) -> dict:
     """
-    A batch in data.collate's layout with random token ids: row b has lengths[b] positions including the modality
-    token the model prepends, so tokens (B, T - 1) with T = pad_to or max(lengths). Every row starts with
-    data.sequence_head (LLaMA's encoding of the prefix); even rows carry an image and its n_visual placeholders.
-    The last quarter of each row is labelled (the answer and EOS); pads are 0 with label IGNORE.
+    A data.collate batch of random token ids: row b has lengths[b] positions counting the modality token the model
+    prepends, and starts with data.sequence_head (LLaMA's prefix shape); even rows carry an image and its n_visual
+    placeholders (48.9% of ScienceQA does). The last quarter of a row is labelled (the answer and EOS). pad_to: pad
+    every row to that length (the official loader) instead of to the longest.
     """
-    # Token values do not change the cost of a step, only the shapes and which rows carry an image do; random ids
-    # keep the batch independent of any tokenizer, so 7B/13B need no files at all.
-    B = len(lengths)
-    T = pad_to or max(lengths)
-    tokens = torch.zeros(B, T - 1, dtype=torch.long)  # (B, T - 1): the model adds slot 0
-    labels = torch.full((B, T - 1), IGNORE, dtype=torch.long)  # (B, T - 1)
-    vis_mask = torch.zeros(B, T - 1, dtype=torch.bool)  # (B, T - 1): True at image rows' placeholder slots
-    # Alternate rows carry an image: 48.9% of ScienceQA does, and a deterministic split keeps methods comparable.
-    has_image = torch.tensor([b % 2 == 0 for b in range(B)], dtype=torch.long)  # (B,)
+    # Token values do not change the cost of a step, only the shapes do: random ids keep 7B/13B free of any file.
+    samples = []
     for b, n in enumerate(lengths):
-        n = int(n) - 1  # this row's tokens without the modality token
-        row = torch.randint(3, vocab, (n,), generator=gen)  # ids >= 3: never pad/placeholder 0, BOS 1 or EOS 2
-        img = bool(has_image[b])
-        prefix = row[1:1 + len(LLAMA_PREFIX_IDS[img])].tolist()  # random ids in the shape of LLaMA's prefix
-        head = sequence_head(1, prefix, n_visual if img else 0)  # BOS 1, prefix, placeholders
+        img = b % 2 == 0
+        row = torch.randint(3, vocab, (int(n) - 1,), generator=gen)  # ids >= 3: never pad/placeholder 0, BOS or EOS
+        head = sequence_head(1, row[1:1 + len(LLAMA_PREFIX_IDS[img])].tolist(), n_visual if img else 0)
         row[:len(head)] = torch.tensor(head)
-        if img:  # the placeholders, which model.embed overwrites with the neck's visual tokens
-            vis_mask[b, len(head) - n_visual:len(head)] = True
-        tokens[b, :n] = row
-        # The loss covers answer tokens + EOS only (util/datasets.py); a quarter of the row is about a ScienceQA
-        # QCM-ALE answer (lecture + solution). It barely matters for cost: the head runs on every position either way.
-        ans = max(1, n // 4)
-        labels[b, n - ans:n] = row[n - ans:n]
-    n_img = int(has_image.sum())
-    images = torch.randn(n_img, 3, image_size, image_size, generator=gen) if n_img else None  # (N_img, 3, S, S)
-    out = dict(tokens=tokens, labels=labels, vis_mask=vis_mask, has_image=has_image, images=images)
-    return {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+        labels, vis_mask = torch.full_like(row, IGNORE), torch.zeros(len(row), dtype=torch.bool)
+        ans = max(1, len(row) // 4)  # about a QCM-ALE answer (lecture + solution); the loss covers it and EOS
+        labels[-ans:] = row[-ans:]
+        if img:  # the placeholders, which model.embed fills with the neck's visual tokens
+            vis_mask[len(head) - n_visual:len(head)] = True
+        samples.append(dict(tokens=row, labels=labels, vis_mask=vis_mask, has_image=img, pid=str(b),
+                            image=torch.randn(3, image_size, image_size, generator=gen) if img else None))
+    batch = collate(samples)  # (B, T - 1) tokens, labels and vis_mask; (N_img, 3, S, S) images
+    del batch["pids"]
+    if pad_to:
+        extra = pad_to - 1 - batch["tokens"].shape[1]
+        for key, value in (("tokens", 0), ("labels", IGNORE), ("vis_mask", False)):
+            batch[key] = F.pad(batch[key], (0, extra), value=value)
+    return {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
 
 
 def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: int) -> tuple[float, float]:
-    """(FLOPs, processed tokens) to train on ScienceQA's 12,726 samples for `epochs`: lengths drawn from the real
-    distribution, shuffled into batches of batch_size, each padded to its longest sample (or all to 512)."""
-    # One simulated epoch stands for all of them: a fresh shuffle per epoch changes which samples meet in a batch,
-    # but the expected padding, and so the FLOPs, stay the same.
-    rng = np.random.default_rng(seed)
-    lens = sample_lengths(SQA_TRAIN, rng)  # (N,) in random order, as the official (ungrouped) shuffling gives
+    """(FLOPs, processed tokens) of `epochs` over ScienceQA's 12,726 samples: lengths drawn from the real distribution,
+    shuffled into batches of batch_size, each padded to its longest sample (or all to 512)."""
+    # One simulated epoch stands for all: a fresh shuffle changes who meets in a batch, not the expected padding.
     n_batches = math.ceil(SQA_TRAIN / batch_size)
-    # The last batch is short: its missing rows count as padding (fewer than batch_size samples, negligible).
-    lens = np.pad(lens, (0, n_batches * batch_size - SQA_TRAIN))  # (n_batches * batch_size,)
-    if seq == "pad512":
-        batch_len = np.full(n_batches, MAX_SEQ_LEN)  # the official loader pads every sample to max_seq_len up front
-    else:
-        batch_len = lens.reshape(n_batches, batch_size).max(1)  # (n_batches,): data.collate pads to the longest row
-    llama = batch_flops(fm, batch_len.astype(float), batch_size, 0).sum()  # LLaMA FLOPs of all batches
-    total = llama + SQA_IMAGES * fm["vision_per_image"]  # + one CLIP pass per image sample
+    # The short last batch's missing rows count as padding (fewer than batch_size samples, negligible).
+    lens = np.pad(sample_lengths(SQA_TRAIN, np.random.default_rng(seed)), (0, n_batches * batch_size - SQA_TRAIN))
+    batch_len = (np.full(n_batches, MAX_SEQ_LEN) if seq == "pad512"  # the official loader pads all to max_seq_len
+                 else lens.reshape(n_batches, batch_size).max(1))  # (n_batches,): data.collate pads to the longest
+    total = batch_flops(fm, batch_len.astype(float), batch_size, 0).sum() + SQA_IMAGES * fm["vision_per_image"]
     return epochs * total, epochs * float(batch_size * batch_len.sum())
 
 
@@ -327,24 +294,18 @@ def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, se
     as the paper keeps them in fp16); trainable ones stay fp32 masters under autocast, except for full fine-tuning in
     bf16, where fp32 masters plus AdamW state of a 7B (~112 GB) fit no single GPU, so everything stays bf16.
     """
-    model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank), device="meta")
-    model.to(dtype)  # on the meta device a cast only relabels the dtype
-    if method != "full":
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # meta tensors: only the dtype changes, nothing is allocated
+    model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank), device="meta").to(dtype)
+    for p in model.parameters():
+        if p.requires_grad and method != "full":
+            p.data = p.data.float()  # meta tensors: only the dtype changes, nothing is allocated
     model.to_empty(device=device)  # allocates every tensor, uninitialised, in the dtype chosen above
     gen = torch.Generator(device=device).manual_seed(seed)  # on the device: filling 7B values stays on the GPU
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                # Every matrix, adapters included (their real init zeroes the up-projections, which would make the
-                # merged-vs-unmerged comparison of part 4 trivially equal).
+            if p.dim() >= 2:  # every matrix, adapters too (zero up-projections would make part 4 trivially equal)
                 p.normal_(0.0, 0.02, generator=gen)
-            elif name.endswith("weight"):
-                p.fill_(1.0)  # RMSNorm / LayerNorm gains
             else:
-                p.zero_()  # biases
+                p.fill_(1.0 if name.endswith("weight") else 0.0)  # RMSNorm / LayerNorm gains; biases
     model.llama.init_rope(device)  # non-persistent buffers: to_empty left them uninitialised
     return quantize_llama_(model) if quant == "nf4" else model
 
@@ -365,12 +326,10 @@ def peak_memory_gb(device) -> tuple[float, str]:
 def measure_train(model, batch: dict, args, amp) -> list[float]:
     """Seconds per training step (forward + backward + AdamW), warmup steps dropped."""
     model.train()  # adapter dropout on, as in training
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The official recipe's optimizer (AdamW, betas 0.9/0.95); the fused CUDA kernel is lighter on memory for full fine-tuning.
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02,
-                            fused=args.device.type == "cuda")
-    # Compiling wraps the module; generation below keeps using the plain one (its KV-cache loop changes shapes).
-    step_model = torch.compile(model) if args.compile else model
+    # The official recipe's optimizer (AdamW, betas 0.9/0.95); the fused CUDA kernel is lighter on memory for full FT.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                            weight_decay=0.02, fused=args.device.type == "cuda")
+    step_model = torch.compile(model) if args.compile else model  # generation keeps the plain one (shapes change)
     times = []
     for i in range(args.warmup + args.steps):
         sync(args.device)  # start the clock with the GPU idle
@@ -379,7 +338,7 @@ def measure_train(model, batch: dict, args, amp) -> list[float]:
             loss = step_model(**batch)  # forward + the cross-entropy on labelled positions (model.LaVIN.forward)
         loss.backward()  # outside autocast, as recommended: backward ops reuse the forward's dtypes
         opt.step()
-        opt.zero_grad(set_to_none=True)  # set_to_none frees the gradients between steps, as train.py does
+        opt.zero_grad(set_to_none=True)  # frees the gradients between steps, as train.py does
         sync(args.device)  # stop it once the GPU has finished the step, not when Python has queued it
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -389,64 +348,72 @@ def measure_train(model, batch: dict, args, amp) -> list[float]:
 
 
 def measure_generate(model, args, amp, merge: bool) -> dict:
-    """Greedy batched generation of --gen_tokens per prompt with the KV cache. All prompts are image prompts, since a
-    merged model serves one modality. Returns tokens/s over the whole call, decode tokens/s after the first token,
-    prefill time, and the tokens themselves (to compare merged with unmerged)."""
+    """Greedy batched generation of --gen_tokens per image prompt (a merged model serves one modality) with the KV
+    cache: tokens/s of the whole call, decode tokens/s after the first token, prefill time, and the tokens."""
     model.eval()
     vocab, S = model.llama.args.vocab_size, model.visual.args.image_size
     gen = torch.Generator().manual_seed(args.seed + 1)
     prefix = torch.randint(3, vocab, (len(LLAMA_PREFIX_IDS[True]),), generator=gen).tolist()  # LLaMA's prefix shape
     head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout
-    prompts = []  # B lists of len(head) + GEN_PROMPT_LEN ids; equal lengths, so no left padding is timed
-    for _ in range(args.batch_size):
-        prompts.append(head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist())
+    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()  # equal lengths: no left
+               for _ in range(args.batch_size)]  # padding is timed
     images = torch.randn(args.batch_size, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
-    has_image = [True] * args.batch_size
     if merge:
         with amp:  # bf16 frozen weights + fp32 adapters: merge's router pass needs autocast like any forward
             model.merge(1)
+    runs = []  # (whole call, prefill until the first token, decode of the other gen_tokens - 1 steps), seconds
     try:
-        runs = []
         for _ in range(3):  # the first run is a warm-up; the other two are timed
             stamps = []
+            sync(args.device)
+            t0 = time.perf_counter()
 
-            def on_token(_):  # called once per new token; stamps the first (end of prefill) and the rest
+            def on_token(_):  # called once per new token: stamps the end of prefill, then every decode step
                 sync(args.device)
                 stamps.append(time.perf_counter())
 
-            sync(args.device)
-            t0 = time.perf_counter()
-            with amp:
-                # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
-                out = generate(model, prompts, has_image, images, max_new_tokens=args.gen_tokens, eos_id=-1,
-                                     on_token=on_token)
+            with amp:  # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
+                out = generate(model, prompts, [True] * args.batch_size, images, max_new_tokens=args.gen_tokens,
+                               eos_id=-1, on_token=on_token)
             sync(args.device)
             runs.append((time.perf_counter() - t0, stamps[0] - t0, stamps[-1] - stamps[0]))
     finally:
         model.unmerge()
-    # runs: (whole call, prefill until the first token, decode of the remaining gen_tokens - 1 steps), seconds
     total, prefill, decode = (statistics.median(r[i] for r in runs[1:]) for i in range(3))
-    n_new = args.batch_size * args.gen_tokens
     # Each decode step reads every LLaMA weight once (the embedding is a lookup of B rows): weight bytes per second
-    # is the roofline that matters for decode, since its arithmetic intensity is only about B FLOPs per byte.
-    w_bytes = sum(p.numel() * p.element_size() for n, p in model.llama.named_parameters() if "tok_emb" not in n)
+    # is the roofline that matters for decode, whose arithmetic intensity is only about B FLOPs per byte.
+    w_bytes = sum(p.nbytes for n, p in model.llama.named_parameters() if "tok_emb" not in n) + sum(
+        w.nbytes for w in model.llama.modules() if isinstance(w, NF4Weight))  # a 4-bit base's packed weights
     steps_s = (args.gen_tokens - 1) / decode if decode > 0 else float("nan")
-    return {"tok_s": n_new / total, "decode_tok_s": args.batch_size * steps_s, "prefill_ms": 1e3 * prefill,
-            "bandwidth_GBs": w_bytes * steps_s / 1e9, "tokens": out}
+    return {"tok_s": args.batch_size * args.gen_tokens / total, "decode_tok_s": args.batch_size * steps_s,
+            "prefill_ms": 1e3 * prefill, "bandwidth_GBs": w_bytes * steps_s / 1e9, "tokens": out}
+
+
+def dequantize_ms(model, dtype) -> float:
+    """Median time to dequantize every 4-bit weight once: what each forward, and again each backward, spends first."""
+    weights, times = [m for m in model.modules() if isinstance(m, NF4Weight)], []
+    for _ in range(3):
+        sync(weights[0].packed.device)
+        t0 = time.perf_counter()
+        for w in weights:
+            w.dequantize(dtype)
+        sync(weights[0].packed.device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def device_peak(args) -> tuple[float | None, str]:
     if args.peak_tflops:
         return args.peak_tflops * 1e12, "--peak_tflops"
-    if args.device.type == "cuda":
-        name = torch.cuda.get_device_name(args.device)
-        if args.dtype != "bf16":
-            return None, f"{name}: no lookup for {args.dtype} (pass --peak_tflops)"
-        for key, tflops in PEAK_BF16_TFLOPS:
-            if key in name:
-                return tflops * 1e12, f"{name}, dense bf16"
-        return None, f"{name}: not in the peak table (pass --peak_tflops)"
-    return None, "CPU: unknown (pass --peak_tflops)"
+    if args.device.type != "cuda":
+        return None, "CPU: unknown (pass --peak_tflops)"
+    name = torch.cuda.get_device_name(args.device)
+    if args.dtype != "bf16":
+        return None, f"{name}: no lookup for {args.dtype} (pass --peak_tflops)"
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12, f"{name}, dense bf16"
+    return None, f"{name}: not in the peak table (pass --peak_tflops)"
 
 
 def si(x: float | None, unit: str = "") -> str:
@@ -459,167 +426,159 @@ def si(x: float | None, unit: str = "") -> str:
     return f"{x:.3g} {unit}".rstrip()
 
 
-def fmt(d: dict, key: str, spec: str) -> str:
-    return format(d[key], spec) if key in d else "n/a"
-
-
 def hours(s: float | None) -> str:
     return "-" if s is None or not math.isfinite(s) else (f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The four parts
+def table(header: list[str], rows: list[list], left: int = 1):
+    """Print rows under header in columns as wide as their widest cell: the first `left` columns (labels) flush left,
+    the numbers flush right."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print(" ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
 
-def bench_method(method: str, args, amp, dtype, batch: dict, useful_tokens: int, peak) -> dict:
-    """Build one method's model, time its training step and its generation. Returns one result row."""
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parts 2-4 per method, and what the paper's hours imply
+
+def bench_method(method: str, quant, args, amp, dtype, batch: dict, useful_tokens: int, peak) -> dict:
+    """Build one method's model (on a 4-bit base if quant), time its training step and its generation: one row."""
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
-    model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed, args.quant)
-    fm = flop_model(model)
-    trainable, total = count_params(model)
+    model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed, quant)
+    fm, (trainable, total) = flop_model(model), count_params(model)
     B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
     n_img = 0 if batch["images"] is None else batch["images"].shape[0]
     step_flops = batch_flops(fm, T, B, n_img)  # the work the step must do; the achieved rate divides this by time
     times = measure_train(model, batch, args, amp)
     t = statistics.median(times)  # the median shrugs off a step that a neighbour process or a GC pause slowed
     mem, mem_kind = peak_memory_gb(args.device)
-    label = {"mma": "MMA (LaVIN)", "lora": f"LoRA r={args.lora_rank}", "mixlora": "MixLoRA E=16 r=4",
-             "full": "Full"}[method]
-    row = {"method": method, "label": label, "trainable": trainable, "total": total,
-           "step_ms": 1e3 * t, "step_ms_all": [1e3 * x for x in times], "tokens_s": B * T / t,
+    label = {"mma": "MMA (LaVIN)", "lora": f"LoRA r={args.lora_rank}", "mixlora": "MixLoRA E=16 r=4", "full": "Full"}
+    row = {"method": method, "quant": quant, "label": label[method] + ("/NF4" if quant else ""), "trainable": trainable,
+           "total": total, "step_ms": 1e3 * t, "step_ms_all": [1e3 * x for x in times], "tokens_s": B * T / t,
            "useful_tokens_s": useful_tokens / t, "samples_s": B / t, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
-           "flops_per_token": flops_per_token(fm, T), "flops_per_image": fm["vision_per_image"],
-           "flops_per_step": step_flops, "flops_per_sample": step_flops / B, "achieved_flops_s": step_flops / t,
-           "mfu": step_flops / t / peak if peak else None, "flop_model": fm}
-    # Part 3 for this method: the same achieved FLOP/s applied to the whole training set, both length regimes.
-    # est. time = total FLOPs / (achieved FLOP/s x N): the measured step time scaled by the FLOP ratio between the
-    # measured batch and the whole run. floor = total FLOPs / (peak x N), what 100% MFU would take.
+           "frozen_gb": sum(x.nbytes for x in [*model.parameters(), *model.buffers()] if not x.requires_grad) / 1e9,
+           "dequant_ms": dequantize_ms(model, dtype) if quant else None, "flops_per_token": flops_per_token(fm, T),
+           "flops_per_image": fm["vision_per_image"], "flops_per_step": step_flops, "flops_per_sample": step_flops / B,
+           "achieved_flops_s": step_flops / t, "mfu": step_flops / t / peak if peak else None, "flop_model": fm}
+    # Part 3: est. time = total FLOPs / (achieved FLOP/s x N), i.e. the measured step scaled by the FLOP ratio of the
+    # whole run to the measured batch; floor = total FLOPs / (peak x N), what 100% MFU would take.
     row["extrapolation"] = {}
     for seq in ("scienceqa", "pad512"):
-        F, toks = training_set_flops(fm, seq, args.batch_size, args.epochs, args.seed)
-        row["extrapolation"][seq] = {"flops": F, "tokens": toks,
-                                     "seconds": F / (row["achieved_flops_s"] * args.gpus),
-                                     "floor_seconds": F / (args.gpus * peak) if peak else None}
+        flops, toks = training_set_flops(fm, seq, args.batch_size, args.epochs, args.seed)
+        row["extrapolation"][seq] = {"flops": flops, "tokens": toks, "seconds": flops / (step_flops / t * args.gpus),
+                                     "floor_seconds": flops / (args.gpus * peak) if peak else None}
     # Part 4: generation, unmerged and (where the updates are static) merged into the weights.
-    unmerged = measure_generate(model, args, amp, merge=False)
-    merged = measure_generate(model, args, amp, merge=True) if method in ("mma", "lora") else None
-    row["generation"] = {"unmerged": {k: v for k, v in unmerged.items() if k != "tokens"},
-                         "merged": None if merged is None else {k: v for k, v in merged.items() if k != "tokens"},
-                         "agree": None, "match": None}
-    if merged is not None:
+    runs = {"unmerged": measure_generate(model, args, amp, merge=False),
+            "merged": measure_generate(model, args, amp, merge=True) if method in ("mma", "lora") else None}
+    gen = row["generation"] = {k: v and {x: y for x, y in v.items() if x != "tokens"} for k, v in runs.items()}
+    gen["agree"] = gen["match"] = None
+    if runs["merged"]:
         # Merging is exact in real arithmetic; in bf16 the folded weights round differently, and random weights give
         # nearly tied logits, so greedy paths can part after a few tokens. The share of equal tokens shows how far.
-        pairs = [(x, y) for rm, ru in zip(merged["tokens"], unmerged["tokens"]) for x, y in zip(rm, ru)]
-        row["generation"]["agree"] = merged["tokens"] == unmerged["tokens"]
-        row["generation"]["match"] = sum(x == y for x, y in pairs) / len(pairs)
-    del model  # free it before the next method is built
+        pairs = [(x, y) for rm, ru in zip(runs["merged"]["tokens"], runs["unmerged"]["tokens"]) for x, y in zip(rm, ru)]
+        gen["agree"] = runs["merged"]["tokens"] == runs["unmerged"]["tokens"]
+        gen["match"] = sum(x == y for x, y in pairs) / len(pairs)
     return row
 
 
 def paper_check(seed: int) -> list[dict]:
-    """Device-independent: the FLOPs of LaVIN's ScienceQA run at the real shapes (meta device), the floor they set on
-    the paper's 8 A100s, and the utilisation the paper's wall time implies."""
+    """Device-independent: the FLOPs of LaVIN's ScienceQA run at the real shapes, the floor they set on the paper's 8
+    A100s (312 TFLOP/s each; the fp16 peak is the same), and the utilisation the paper's wall time implies."""
     rows = []
     for size, claim in PAPER.items():
-        fm = flop_model(build_lavin(size, "ViT-L/14", AdapterArgs(),
-                                    device="meta"))
-        peak = dict(PEAK_BF16_TFLOPS)[claim["gpu"]] * 1e12 * claim["gpus"]  # 8 x 312 TFLOP/s (fp16 peak is the same)
+        fm = flop_model(build_lavin(size, "ViT-L/14", AdapterArgs(), device="meta"))
+        peak = dict(PEAK_BF16_TFLOPS)[claim["gpu"]] * 1e12 * claim["gpus"]
         for seq in ("pad512", "scienceqa"):
-            F, _ = training_set_flops(fm, seq, 4, 20, seed)  # 20 epochs and 4 per GPU, as the paper's runs
-            rows.append({"model": f"LaVIN-{size}", "seq": seq, "flops": F, "floor_seconds": F / peak,
-                         "paper_hours": claim["hours"], "implied_mfu": F / (claim["hours"] * 3600 * peak),
+            flops, _ = training_set_flops(fm, seq, 4, 20, seed)  # 20 epochs and 4 per GPU, as the paper's runs
+            rows.append({"model": f"LaVIN-{size}", "seq": seq, "flops": flops, "floor_seconds": flops / peak,
+                         "paper_hours": claim["hours"], "implied_mfu": flops / (claim["hours"] * 3600 * peak),
                          "gpus": f"{claim['gpus']}x {claim['gpu']}"})
     return rows
 
 
-def print_train_table(result: dict, args, T: int):
-    # Columns: step = median seconds per optimizer step; tok/s = B x T / step (pads included); useful = real tokens
-    # only; smp/s = samples; FLOP/tok = F(T); FLOP/step = B T F(T) + CLIP per image; FLOP/s = achieved rate; MFU =
-    # FLOP/s / device peak.
-    print(f"{'method':<18} {'trainable':>14} {'step':>10} {'tok/s':>9} {'useful':>9} {'smp/s':>7} "
-          f"{'peak mem':>9} {'FLOP/tok':>10} {'FLOP/step':>10} {'FLOP/s':>11} {'MFU':>6}")
+def print_train(result: dict, args, rows: list[dict], T: int):
+    print(f"\n== 2. Training step: LaVIN-{args.model} + {args.vision} on {result['device']}, {args.dtype}, batch "
+          f"{args.batch_size} x {T} tokens (row lengths {result['batch']['lengths']}, --seq {args.seq}), "
+          f"{result['batch']['images']} images; median of {args.steps} steps after {args.warmup} warm-up ==")
+    # step: median per optimizer step; tok/s: B x T / step, pads included (the kernels compute them); useful: without
+    # pads; FLOP/step: B T F(T) + CLIP per image; FLOP/s: the achieved rate; MFU: FLOP/s / device peak.
+    cells = [[r["label"], f"{r['trainable']:,}", f"{r['step_ms']:.1f}", f"{r['tokens_s']:.0f}",
+              f"{r['useful_tokens_s']:.0f}", f"{r['samples_s']:.2f}", f"{r['peak_mem_gb']:.2f}",
+              si(r["flops_per_token"]), si(r["flops_per_step"]), si(r["achieved_flops_s"]),
+              "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
+             for r in rows]
+    table(["method", "trainable", "step ms", "tok/s", "useful", "smp/s", "peak GiB", "FLOP/tok", "FLOP/step", "FLOP/s",
+           "MFU"], cells)
     for r in result["train"]:
         if "error" in r:
-            print(f"{r['method']:<18} {r['error']}")
-            continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['label']:<18} {r['trainable']:>14,} {r['step_ms']:>7.1f} ms {r['tokens_s']:>9.0f} "
-              f"{r['useful_tokens_s']:>9.0f} {r['samples_s']:>7.2f} {r['peak_mem_gb']:>5.2f} GiB "
-              f"{si(r['flops_per_token']):>10} {si(r['flops_per_step']):>10} "
-              f"{si(r['achieved_flops_s'], 'FLOP/s'):>11} {mfu:>6}")
-    ok_rows = [r for r in result["train"] if "error" not in r]
-    if not ok_rows:
-        return
-    print(f"  tok/s counts processed tokens (pads included: the kernels compute them); useful excludes pads. "
-          f"Peak memory: {ok_rows[0]['peak_mem_kind']}.")
+            print(f"{r['method']}{'/NF4' if r['quant'] else ''}: {r['error']}")
+    if rows:
+        print(f"  tok/s counts pads (the kernels compute them), useful does not. Peak: {rows[0]['peak_mem_kind']}")
     if args.model in PAPER:
         c = PAPER[args.model]
-        print(f"  Paper: {c['mem_gb']} GB peak for LaVIN-{args.model} MMA ({c['gpus']}x {c['gpu']}, 4 per GPU, "
-              f"fp16 weights, padded to 512).")
-    print(f"  FLOP model per token at T={T}: F = 4 N_frozen + 6 N_trainable + 12 L d T, plus CLIP per image "
-          f"(MixLoRA counts its r chosen factors, not the pool; routers are ignored):")
-    for r in ok_rows:
+        print(f"  Paper: {c['mem_gb']} GB peak for LaVIN-{args.model} MMA ({c['gpus']}x {c['gpu']}, 4 per GPU, fp16)")
+    print(f"  FLOPs per token at T={T}: 4 N_frozen + 6 N_trainable + 12 L d T (MixLoRA: its r chosen factors), plus "
+          f"CLIP and the neck per image:")
+    width = max((len(r["label"]) for r in rows), default=0)
+    for r in rows:
         fm = r["flop_model"]
-        print(f"    {r['label']:<18} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + "
+        print(f"    {r['label']:<{width}} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + "
               f"{si(fm['attn_coef'])} x {T} = {si(r['flops_per_token'], 'FLOP/token')}; "
-              f"CLIP + neck {si(fm['vision_per_image'], 'FLOP/image')}")
+              f"{si(fm['vision_per_image'], 'FLOP/image')}")
 
 
-def print_extrapolation(result: dict, args):
-    # Two regimes for each method: the real length distribution padded per batch (data.collate), and every sample
-    # padded to 512 (the official loader). Their FLOP ratio is the price of the official padding.
-    ok_rows = [r for r in result["train"] if "error" not in r]
+def print_extrapolation(result: dict, args, rows: list[dict]):
+    ls = result["length_summary"]
+    print(f"\n== 3. Extrapolated ScienceQA training: {SQA_TRAIN:,} samples x {args.epochs} epochs on {args.gpus} "
+          f"devices like this one, batch {args.batch_size} per device, at each method's FLOP/s; lengths: median "
+          f"{ls['median']:.0f}, p90 {ls['p90']:.0f}, {ls['truncated_%']:.1f}% truncated at {MAX_SEQ_LEN} ==")
     if args.model == "tiny":
-        print("  (the tiny model: this is how long *this* toy would take, and says nothing about 7B on A100s; "
-              "run --model 7B on a GPU for that)")
-    print(f"{'method':<18} {'lengths':<32} {'FLOPs':>10} {'est. time':>10} {'floor @peak':>12} {'paper':>22}")
+        print("  (the tiny model: how long *this* toy would take; run --model 7B on a GPU for LaVIN-7B)")
     paper = PAPER.get(args.model)
-    paper_txt = f"{paper['hours']} h on {paper['gpus']}x {paper['gpu']}" if paper else "n/a (tiny)"
-    for r in ok_rows:
-        for seq, desc in (("scienceqa", "real lengths, pad to batch max"), ("pad512", "padded to 512 (official)")):
-            e = r["extrapolation"][seq]
-            mark = "*" if seq == args.seq else " "
-            print(f"{r['label']:<18} {desc + mark:<32} {si(e['flops']):>10} {hours(e['seconds']):>10} "
-                  f"{hours(e['floor_seconds']):>12} {paper_txt:>22}")
-    print("  * = the length regime of the measured batch. Assumes the measured FLOP/s holds at every length, and "
-          "perfect data-parallel scaling (only adapter gradients are all-reduced).")
-    print("  What the paper's times imply (LaVIN-7B/13B, MMA, 20 epochs, 4 per GPU; FLOPs counted as above):")
+    regimes = {"scienceqa": "real lengths, pad to batch max", "pad512": "padded to 512 (official)"}
+    table(["method", "lengths", "FLOPs", "est. time", "floor @peak", "paper"],
+          [[r["label"], regimes[seq] + ("*" if seq == args.seq else ""), si(e["flops"]), hours(e["seconds"]),
+            hours(e["floor_seconds"]), f"{paper['hours']} h on {paper['gpus']}x {paper['gpu']}" if paper else "n/a"]
+           for r in rows for seq, e in r["extrapolation"].items()], left=2)
+    print("  * = the measured batch's regime. The paper's times imply (MMA, 20 epochs, 4 per GPU, FLOPs as above):")
     for p in result["paper_check"]:
         print(f"    {p['model']:<10} {p['seq']:<10} {si(p['flops'], 'FLOP'):>10}: floor on {p['gpus']} "
               f"{hours(p['floor_seconds'])}, paper {p['paper_hours']} h -> {100 * p['implied_mfu']:.0f}% MFU")
 
 
-def print_generation(result: dict):
-    # u = unmerged adapters (the training graph), m = merged into the frozen weights (inference without adapter cost)
-    print(f"{'method':<18} {'unmerged tok/s':>15} {'merged tok/s':>13} {'decode (u/m)':>16} {'prefill ms (u/m)':>17} "
-          f"{'weights GB/s (u)':>17} {'same tokens':>13}")
-    for r in result["train"]:
-        if "error" in r:
-            continue
+def print_generation(args, rows: list[dict]):
+    print(f"\n== 4. Generation: {args.batch_size} image prompts of {GEN_PROMPT_LEN} tokens after the head, "
+          f"{args.gen_tokens} new tokens each, greedy, KV cache, median of 2 runs after 1 warm-up ==")
+    cells = []
+    for r in rows:
         g = r["generation"]
         u, m = g["unmerged"], g["merged"] or {}  # merged is None where nothing can be folded
+        num = lambda d, key, spec: format(d[key], spec) if key in d else "n/a"
         same = "n/a" if g["agree"] is None else "yes" if g["agree"] else f"{100 * g['match']:.0f}% equal"
-        print(f"{r['label']:<18} {fmt(u, 'tok_s', '.1f'):>15} {fmt(m, 'tok_s', '.1f'):>13} "
-              f"{fmt(u, 'decode_tok_s', '.0f'):>7} / {fmt(m, 'decode_tok_s', '.0f'):>6} "
-              f"{fmt(u, 'prefill_ms', '.1f'):>8} / {fmt(m, 'prefill_ms', '.1f'):>6} "
-              f"{fmt(u, 'bandwidth_GBs', '.2f'):>17} {same:>13}")
-    print("  merged: MMA folds the LLaMA-side adapters into q/k/v for the image modality, LoRA adds B A to W; "
-          "MixLoRA routes per input and full fine-tuning has nothing to fold (n/a). tok/s includes prefill; decode "
-          "excludes it; GB/s = LLaMA weight bytes x decode steps/s. In bf16, rounding of the folded weights on random, "
-          "nearly tied logits can change greedy tokens; fp32 should agree exactly.")
+        cells.append([r["label"], num(u, "tok_s", ".1f"), num(m, "tok_s", ".1f"), num(u, "decode_tok_s", ".0f"),
+                      num(m, "decode_tok_s", ".0f"), num(u, "prefill_ms", ".1f"), num(m, "prefill_ms", ".1f"),
+                      num(u, "bandwidth_GBs", ".2f"), same])
+    table(["method", "tok/s u", "m", "decode tok/s u", "m", "prefill ms u", "m", "weights GB/s u", "same tokens"],
+          cells)
+    print("  u: unmerged adapters; m: merged (MMA folds its LLaMA-side adapters into q/k/v for the image modality, "
+          "LoRA adds B A to W; MixLoRA routes per input and full FT has nothing to fold). tok/s includes prefill, "
+          "decode does not; GB/s = LLaMA weight bytes x decode steps/s. bf16 rounding of folded weights can change "
+          "greedy tokens on random, nearly tied logits; fp32 agrees exactly.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A 4-bit base (QLoRA, LaVIN-lite): the frozen bytes at the real shapes, and the measured cost on this device
+# Part 5, a 4-bit base (QLoRA, LaVIN-lite): the frozen bytes at the real shapes, and the measured cost on this device
 
 NF4_ANCHORS = ("LaVIN-7B-lite trains in 9 GB and LaVIN-13B-lite in 14-15 GB on one GPU (official README); torchtune's "
                "Llama-2-7B QLoRA peaks at 9.29 GB against 15.57 GB for LoRA")
 
 
 def frozen_bytes(size: str) -> dict:
-    """Exact bytes of LaVIN-{size}'s frozen weights, from the meta device: the LLaMA block linears (what --quant nf4
-    stores in 4 bits) at fp32, bf16, NF4 and NF4 with double quantization, and the rest of the frozen base (embeddings,
-    norms, head, CLIP ViT-L/14), which stays in the compute dtype, in bf16."""
+    """Exact bytes of LaVIN-{size}'s frozen weights (meta device): the LLaMA block linears, which --quant nf4 stores in
+    4 bits, at fp32, bf16, NF4 and NF4 with double quantization, and the rest of the frozen base (embeddings, norms,
+    head, CLIP ViT-L/14), which stays in the compute dtype, in bf16."""
     model = build_lavin(size, "ViT-L/14", device="meta")
     shapes = [getattr(getattr(layer, p), a).weight.shape for layer in model.llama.layers
               for p, a in (t.split(".") for t in LORA_TARGETS.values())]
@@ -629,79 +588,43 @@ def frozen_bytes(size: str) -> dict:
             "nf4": sum(nf4_nbytes(sh, 64, False) for sh in shapes), "nf4_dq": sum(nf4_nbytes(sh) for sh in shapes)}
 
 
-def dequantize_ms(model, dtype) -> float:
-    """Median time to dequantize every 4-bit weight of the model once: what each forward, and again each backward,
-    spends before its matmuls."""
-    weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
-    times = []
-    for _ in range(3):
-        sync(weights[0].packed.device)
-        t0 = time.perf_counter()
-        for w in weights:
-            w.dequantize(dtype)
-        sync(weights[0].packed.device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def bench_nf4(args, amp, dtype, batch: dict) -> list[dict]:
-    """The training step of each adapter method on the --dtype base and on a 4-bit one, measured here side by side:
-    step time, the frozen weights' resident bytes, peak memory (CUDA), and the dequantization inside the step."""
-    rows = []
-    for method in [m for m in args.methods if m != "full"]:  # full fine-tuning cannot train a 4-bit base
-        row = {"method": method}
-        for quant in (None, "nf4"):
-            if args.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(args.device)
-            model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed, quant)
-            frozen = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-                         if not t.requires_grad)
-            step = statistics.median(measure_train(model, batch, args, amp))
-            mem = peak_memory_gb(args.device)[0] if args.device.type == "cuda" else None
-            key = quant or args.dtype
-            row[key] = {"step_ms": 1e3 * step, "frozen_gb": frozen / 1e9, "peak_gb": mem}
-            if quant:
-                row[key]["dequant_ms"] = dequantize_ms(model, dtype)
-            del model
-            gc.collect()
-        rows.append(row)
-    return rows
-
-
 def print_nf4(result: dict, args):
-    print(f"{'model':<10} {'block linears fp32':>19} {'bf16':>9} {'NF4':>9} {'NF4+DQ':>9} {'bits/w':>7} "
-          f"{'rest (bf16)':>12} {'whole base, NF4+DQ':>19}")
-    for r in result["nf4_bytes"]:
-        bits = 8 * r["nf4_dq"] / (r["bf16"] / 2)
-        print(f"{r['model']:<10} {r['fp32'] / 1e9:>16.2f} GB {r['bf16'] / 1e9:>6.2f} GB {r['nf4'] / 1e9:>6.2f} GB "
-              f"{r['nf4_dq'] / 1e9:>6.2f} GB {bits:>7.3f} {r['rest_bf16'] / 1e9:>9.2f} GB "
-              f"{(r['nf4_dq'] + r['rest_bf16']) / 1e9:>16.2f} GB")
+    print("\n== 5. A 4-bit base (--quant nf4: QLoRA, LaVIN-lite), exact frozen bytes at the real shapes ==")
+    gb = lambda x: f"{x / 1e9:.2f} GB"
+    table(["model", "block linears fp32", "bf16", "NF4", "NF4+DQ", "bits/w", "rest (bf16)", "whole base, NF4+DQ"],
+          [[r["model"], gb(r["fp32"]), gb(r["bf16"]), gb(r["nf4"]), gb(r["nf4_dq"]),
+            f"{16 * r['nf4_dq'] / r['bf16']:.3f}", gb(r["rest_bf16"]), gb(r["nf4_dq"] + r["rest_bf16"])]
+           for r in result["nf4_bytes"]])
     print(f"  anchors: {NF4_ANCHORS}. Their totals add activations, adapters and optimizer state to the base.")
-    d = args.dtype
-    print(f"measured here, LaVIN-{args.model}, batch as part 2: {d} base against a 4-bit one")
-    print(f"{'method':<8} {d + ' step ms':>13} {'nf4 step ms':>12} {'ratio':>6} {'frozen GB ' + d:>14} "
-          f"{'frozen GB nf4':>14} {'peak GB ' + d + '/nf4':>17} {'dequant once ms':>16}")
-    for r in result["nf4_step"]:
-        a, b = r[d], r["nf4"]
-        peak = "n/a (CPU)" if a["peak_gb"] is None else f"{a['peak_gb']:.2f} / {b['peak_gb']:.2f}"
-        print(f"{r['method']:<8} {a['step_ms']:>13.1f} {b['step_ms']:>12.1f} {b['step_ms'] / a['step_ms']:>6.2f} "
-              f"{a['frozen_gb']:>14.4f} {b['frozen_gb']:>14.4f} {peak:>17} {b['dequant_ms']:>16.1f}")
+    pairs = [(r, q) for r in result["train"] for q in result["train"] if "error" not in r and "error" not in q
+             and r["method"] == q["method"] and r["quant"] is None and q["quant"]]
+    if not pairs:
+        print("  (--quant nf4 also measures each adapter method on a 4-bit base, beside the --dtype one)")
+        return
+    peak = lambda r: f"{r['peak_mem_gb']:.2f}" if args.device.type == "cuda" else "n/a (CPU)"
+    print(f"measured here, LaVIN-{args.model}, batch as part 2: {args.dtype} base against a 4-bit one")
+    table(["method", f"{args.dtype} step ms", "nf4 step ms", "ratio", f"frozen GB {args.dtype}", "frozen GB nf4",
+           f"peak GB {args.dtype}", "peak GB nf4", "dequant once ms"],
+          [[r["method"], f"{r['step_ms']:.1f}", f"{q['step_ms']:.1f}", f"{q['step_ms'] / r['step_ms']:.2f}",
+            f"{r['frozen_gb']:.4f}", f"{q['frozen_gb']:.4f}", peak(r), peak(q), f"{q['dequant_ms']:.1f}"]
+           for r, q in pairs])
     print("  a step dequantizes every 4-bit weight twice, in the forward and for the input gradient in the backward "
           "(adapters._NF4Matmul); dequant once = one pass over all of them, one gather and one multiply per weight.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Side by side with what users would otherwise pick. transformers + peft are not dependencies, so the peer is a plain
-# re-implementation of the same math as transformers' eager LlamaForCausalLM path: rotate_half RoPE (wq/wk rows
+# Side by side with what users would otherwise pick (--compare). transformers and peft are not dependencies, so the peer
+# is a plain re-implementation of the same math as transformers' eager LlamaForCausalLM: rotate_half RoPE (wq/wk rows
 # permuted as HF's convert_llama_weights_to_hf.py does), repeat_kv, an explicit additive mask, a KV cache grown by
-# concatenation, the head on the last position only at generation (their logits_to_keep), peft-style LoRA with its own
-# dropout and scaling per linear. The same weights give the same loss and the same greedy tokens as ours.
+# concatenation, the head on the last position only at generation (their logits_to_keep), and peft-style LoRA with its
+# own dropout and scaling per linear. The same weights give the same loss and the same greedy tokens as ours.
 
 COMPARE = dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1408, vocab_size=32000)  # LoRA r=8 on all seven linears
 
 
 def reference_weights(model) -> dict:
-    """Our LaVIN's LLaMA weights in transformers' layout: [(W, A, B, scaling) per linear] per layer."""
+    """Our LaVIN's LLaMA weights in transformers' layout: {name: (W, A, B, scaling, dropout)} per layer; A is None
+    for a merged LoRA, which is then a plain linear (peft's merge_and_unload)."""
     llama = model.llama
     H, D = llama.args.n_heads, llama.args.head_dim
     perm = lambda w: w.view(H, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)  # interleaved -> halves
@@ -709,7 +632,6 @@ def reference_weights(model) -> dict:
     for layer in llama.layers:
         a, f = layer.attention, layer.feed_forward
         lins = {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "gate": f.w1, "up": f.w3, "down": f.w2}
-        # A merged LoRA (peft's merge_and_unload) is a plain linear: A = None
         layers.append({n: ((perm(m.weight) if n in "qk" else m.weight), None if m.merged else m.lora_A,
                            perm(m.lora_B) if n in "qk" else m.lora_B, m.scaling, m.dropout.p) for n, m in lins.items()})
         layers[-1].update(ln1=layer.attention_norm.weight, ln2=layer.ffn_norm.weight)
@@ -734,7 +656,7 @@ def reference_forward(R, ids, pos0: int, cache=None, train=False, last_only=Fals
     H = R["H"]
     h = R["emb"][ids]  # (B, T, C)
     D = h.shape[-1] // H
-    past = 0 if cache is None or not cache else cache[0][0].shape[2]
+    past = cache[0][0].shape[2] if cache else 0
     inv = 1.0 / (R["theta"] ** (torch.arange(0, D, 2).float() / D))
     fr = torch.outer(torch.arange(pos0 + past, pos0 + past + T).float(), inv)
     cos, sin = torch.cat((fr, fr), -1).cos(), torch.cat((fr, fr), -1).sin()  # (T, D)
@@ -759,12 +681,10 @@ def reference_forward(R, ids, pos0: int, cache=None, train=False, last_only=Fals
 
 
 def reference_generate(R, ids, new: int) -> list[list[int]]:
-    cache, out = [], []
-    x = ids
+    cache, out, x = [], [], ids
     for _ in range(new):
-        nxt = reference_forward(R, x, 1, cache, last_only=True)[:, -1].argmax(-1)  # (B,)
-        out.append(nxt)
-        x = nxt[:, None]
+        out.append(reference_forward(R, x, 1, cache, last_only=True)[:, -1].argmax(-1))  # (B,)
+        x = out[-1][:, None]
     return torch.stack(out, 1).tolist()
 
 
@@ -785,8 +705,23 @@ def compare_models(cfg: dict, seed: int = 0):
     return model, reference_weights(model)
 
 
-def compare_with_reference(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128) -> dict:
-    """Median times of ours / the reference, interleaved (turns alternate who goes first, so load hits both)."""
+def race(ours, ref, args) -> dict:
+    """Median times of ours and the reference over --steps runs after --warmup, interleaved (turns alternate who goes
+    first, so a neighbour's load hits both); ratio < 1: ours is faster."""
+    times = ([], [])
+    for i in range(args.warmup + args.steps):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (ours, ref)[j]()
+            if i >= args.warmup:
+                times[j].append(time.perf_counter() - t0)
+    o, r = (statistics.median(t) for t in times)
+    pair = [a / b for a, b in zip(*times)]
+    return {"ours_ms": 1e3 * o, "ref_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
+
+
+def compare(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128) -> dict:
+    """A LoRA training step and greedy generation at batch 1 and 8, ours against the reference, same weights."""
     model, R = compare_models(cfg, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     B, T = batch
@@ -795,60 +730,42 @@ def compare_with_reference(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128
     labels = torch.full_like(ids, IGNORE)
     labels[:, 3 * T // 4:] = ids[:, 3 * T // 4:]  # the last quarter is the answer, as make_batch
     text = torch.zeros(B, dtype=torch.long)
-    train_params = [p for p in model.parameters() if p.requires_grad]
-    opts = [torch.optim.AdamW(train_params, lr=1e-4), torch.optim.AdamW(train_params, lr=1e-4)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opts = [torch.optim.AdamW(trainable, lr=1e-4), torch.optim.AdamW(trainable, lr=1e-4)]
 
-    def step(loss_fn, opt):
-        loss_fn().backward()
+    def step(loss, opt):
+        loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    model.eval()
     with torch.no_grad():
-        model.eval()
-        loss_gap = abs(model(ids, text, labels=labels).item() - reference_loss(R, ids, labels, False).item())
-    # name: (ours, a maker of the reference's callable, called once the model is set up for the row, training?)
-    rows = {"LoRA step": (lambda: step(lambda: model(ids, text, labels=labels), opts[0]),
-                          lambda: lambda: step(lambda: reference_loss(R, ids, labels), opts[1]), True)}
-    same = {}
-    for b in (1, 8):
-        p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
-        p[:, 0] = 1
-        ours = lambda p=p: generate(model, p.tolist(), [False] * len(p), None, max_new_tokens=new, eos_id=-1)
-        rows[f"generate b={b}"] = (ours, lambda p=p: lambda Rm=reference_weights(model): reference_generate(Rm, p, new),
-                                   False)
-    result = {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "loss_gap": loss_gap, "rows": {}}
-    for name, (f_ours, make_ref, train) in rows.items():
-        model.train(train)
-        if not train:
-            model.merge(0)  # generation serves a merged model, as sample.py does (and peft's merge_and_unload)
-        f_ref = make_ref()
-        with torch.set_grad_enabled(train):
-            if not train:
-                same[name] = f_ours() == f_ref()  # greedy tokens of the merged model
-            times = ([], [])
-            for i in range(args.warmup + args.steps):
-                for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                    t0 = time.perf_counter()
-                    (f_ours, f_ref)[j]()
-                    if i >= args.warmup:
-                        times[j].append(time.perf_counter() - t0)
-        model.unmerge()
-        o, r = (statistics.median(t) for t in times)
-        pair = [a / b for a, b in zip(*times)]
-        result["rows"][name] = {"ours_ms": 1e3 * o, "ref_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair),
-                                "ratio_max": max(pair), "same_tokens": same.get(name)}
+        gap = abs(model(ids, text, labels=labels).item() - reference_loss(R, ids, labels, False).item())
+    model.train()
+    rows = {"LoRA step": race(lambda: step(lambda: model(ids, text, labels=labels), opts[0]),
+                              lambda: step(lambda: reference_loss(R, ids, labels), opts[1]), args)}
+    model.eval()
+    model.merge(0)  # generation serves a merged model, as sample.py does (and peft's merge_and_unload)
+    Rm = reference_weights(model)
+    with torch.no_grad():
+        for b in (1, 8):
+            p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
+            p[:, 0] = 1
+            ours = lambda: generate(model, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
+            ref = lambda: reference_generate(Rm, p, new)
+            rows[f"generate b={b}"] = race(ours, ref, args) | {"same_tokens": ours() == ref()}
+    model.unmerge()
     print(f"== Ours vs a transformers-style reference (a re-implementation of transformers' eager LLaMA + peft LoRA, "
-          f"not the library), {result['device']}, torch {result['torch']}, {result['threads']} threads, fp32, "
-          f"dim {cfg['dim']}, {cfg['n_layers']} layers, FFN {cfg['hidden_dim']}, vocab {cfg['vocab_size']}, LoRA r=8; "
-          f"train {B} x {T}, generate {prompt} + {new} tokens; loss gap {loss_gap:.1e} ==")
-    print(f"{'':<16} {'ours ms':>9} {'ref ms':>9} {'ratio':>6} {'pairwise':>11} {'same tokens':>12}")
-    for name, r in result["rows"].items():
-        tok = "-" if r["same_tokens"] is None else "yes" if r["same_tokens"] else "NO"
-        print(f"{name:<16} {r['ours_ms']:>9.0f} {r['ref_ms']:>9.0f} {r['ratio']:>6.2f} "
-              f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f} {tok:>12}")
+          f"not the library), {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, dim "
+          f"{cfg['dim']}, {cfg['n_layers']} layers, FFN {cfg['hidden_dim']}, vocab {cfg['vocab_size']}, LoRA r=8; "
+          f"train {B} x {T}, generate {prompt} + {new} tokens; loss gap {gap:.1e} ==")
+    table(["", "ours ms", "ref ms", "ratio", "pairwise", "same tokens"],
+          [[name, f"{r['ours_ms']:.0f}", f"{r['ref_ms']:.0f}", f"{r['ratio']:.2f}",
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", {None: "-", True: "yes", False: "NO"}[r.get("same_tokens")]]
+           for name, r in rows.items()])
     print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ratio < 1: ours is faster")
-    return result
+    return {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "loss_gap": gap, "rows": rows}
 
 
 def main(argv=None) -> dict:
@@ -858,7 +775,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare:
-        return compare_with_reference(args)
+        return compare(args)
     torch.manual_seed(args.seed)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
@@ -870,68 +787,53 @@ def main(argv=None) -> dict:
     result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
               "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
 
-    # ---- 1. parameters and checkpoint size (counted by param_table at the real shapes)
     print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
     result["params"] = param_table()
-    print(format_param_table(result["params"]))
-    exact = {r["model"]: r["trainable"] for r in result["params"] if r["method"] == "MMA (LaVIN)"}
-    ok = exact == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
-    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if ok else 'NO'}. Paper (Table 6): "
-          + "; ".join(f"{s}: {c['trainable']} params, {c['ckpt_mb']} MB checkpoint" for s, c in PAPER.items()))
+    table(["model", "method", "trainable", "share", "ckpt (fp32)", "paper"],
+          [[r["model"], r["method"], f"{r['trainable']:,}", f"{r['share_%']:.3f}%", f"{r['ckpt_MB']:.1f} MB",
+            f"{r['paper']:,}" if r["paper"] else "-"] for r in result["params"]], left=2)
+    exact = {r["model"]: r["trainable"] == r["paper"] for r in result["params"] if r["paper"]}
+    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if all(exact.values()) else 'NO'}. Paper "
+          f"(Table 6): " + "; ".join(f"{s}: {c['trainable'] / 1e6:.1f}M params, {c['ckpt_mb']} MB checkpoint"
+                                     for s, c in PAPER.items()))
 
-    # ---- 2. the measured training step: the same batch for every method, drawn once from ScienceQA's lengths
+    # Parts 2-4: the same batch for every method, drawn once from ScienceQA's lengths
     lengths = sample_lengths(args.batch_size, np.random.default_rng(args.seed))  # (B,) real lengths, <= 512
+    vis = VISION_PRESETS[args.vision]
     batch = make_batch(lengths, MAX_SEQ_LEN if args.seq == "pad512" else None, LLAMA_PRESETS[args.model].vocab_size,
-                       VISION_PRESETS[args.vision].image_size, VISION_PRESETS[args.vision].n_tokens, args.device,
-                       torch.Generator().manual_seed(args.seed))
-    B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
-    n_img = int(batch["has_image"].sum())
-    result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": n_img}
+                       vis.image_size, vis.n_tokens, args.device, torch.Generator().manual_seed(args.seed))
+    T = batch["tokens"].shape[1] + 1  # counts the modality token
+    result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": int(batch["has_image"].sum())}
     result["train"] = []
-    for method in args.methods:
+    # --quant nf4: every adapter method again on a 4-bit base (full fine-tuning cannot train one)
+    runs = [(m, q) for q in ([None, "nf4"] if args.quant else [None]) for m in args.methods if not (q and m == "full")]
+    for method, quant in runs:
         try:
-            result["train"].append(bench_method(method, args, amp, dtype, batch, int(lengths.sum()), peak))
+            result["train"].append(bench_method(method, quant, args, amp, dtype, batch, int(lengths.sum()), peak))
         except torch.cuda.OutOfMemoryError as e:  # e.g. full fine-tuning of 13B on one 80 GB GPU: report, go on
-            result["train"].append({"method": method, "error": f"out of memory: {str(e).splitlines()[0]}"})
+            error = f"out of memory: {str(e).splitlines()[0]}"
+            result["train"].append({"method": method, "quant": quant, "error": error})
         gc.collect()  # the failed or finished model goes before the next is built
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n== 2. Training step: LaVIN-{args.model} + {args.vision} on {dev_name}, {args.dtype}, batch {B} x {T} "
-          f"tokens (row lengths {lengths.tolist()}, --seq {args.seq}), {n_img} images; median of {args.steps} steps "
-          f"after {args.warmup} warm-up ==")
-    print_train_table(result, args, T)
-
-    # ---- 3. extrapolation to ScienceQA training, and what the paper's hours imply
     result["paper_check"] = paper_check(args.seed)  # analytic: 7B/13B on the paper's 8 A100s, whatever this device
     sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
     result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),
                                 "truncated_%": 100 * float((sqa >= MAX_SEQ_LEN).mean())}
-    print(f"\n== 3. Extrapolated ScienceQA training: {SQA_TRAIN:,} samples x {args.epochs} epochs on {args.gpus} "
-          f"devices like this one ({dev_name}), batch {args.batch_size} per device, at each method's FLOP/s ==")
-    ls = result["length_summary"]
-    print(f"  ScienceQA training lengths (data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES): median {ls['median']:.0f}, "
-          f"p90 {ls['p90']:.0f}, {ls['truncated_%']:.1f}% truncated at {MAX_SEQ_LEN}")
-    print_extrapolation(result, args)
+    rows = [r for r in result["train"] if "error" not in r]
+    print_train(result, args, rows, T)
+    print_extrapolation(result, args, rows)
+    print_generation(args, rows)
 
-    # ---- 4. generation
-    print(f"\n== 4. Generation: {args.batch_size} image prompts of {GEN_PROMPT_LEN} tokens after the head, "
-          f"{args.gen_tokens} new tokens each, greedy, KV cache, median of 2 runs after 1 warm-up ==")
-    print_generation(result)
-
-    # ---- 5. a 4-bit base
-    print("\n== 5. A 4-bit base (--quant nf4: QLoRA, LaVIN-lite), exact frozen bytes at the real shapes ==")
-    result["nf4_bytes"] = [frozen_bytes(size) for size in ("7B", "13B")]
-    result["nf4_step"] = bench_nf4(args, amp, dtype, batch)
+    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
     print_nf4(result, args)
 
     for r in result["train"]:
         r.pop("flop_model", None)  # printed above; the JSON keeps the totals
-    print("\n== JSON ==")
     text = json.dumps(result)
-    print(text)
+    print("\n== JSON ==\n" + text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        Path(args.json).write_text(text + "\n")
     return result
 
 
@@ -944,8 +846,8 @@ def _rss() -> int:
 
 
 def _measure_load(folder: str, dtype) -> dict:
-    """Run in a fresh process, so that nothing of the writing lingers in its memory: load, read every weight once (as
-    a real run does: every page becomes resident), and sample the resident memory every millisecond meanwhile."""
+    """In a fresh process, so that nothing of the writing lingers in its memory: load, read every weight once (as a
+    real run does: every page becomes resident), and sample the resident memory every millisecond meanwhile."""
     gc.collect()
     base, peak, done = _rss(), [0], threading.Event()
 
@@ -970,10 +872,10 @@ def _measure_load(folder: str, dtype) -> dict:
 
 def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[dict]:
     """
-    Write a random LLaMA (by default 0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention,
-    so that q and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded
-    Hugging Face folder; load it with load_llama twice, keeping bf16 and converting to fp32, each in a fresh process;
-    report the peak growth of its resident memory against one copy of the loaded weights.
+    Write a random LLaMA (0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention, so that q
+    and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded Hugging Face
+    folder; load it keeping bf16 and converting to fp32, each in a fresh process; report the peak growth of resident
+    memory against one copy of the loaded weights.
     """
     shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
     for i in range(n_layers):
@@ -989,17 +891,16 @@ def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[d
             part = {k: torch.randn(shapes[k], dtype=torch.bfloat16) * 0.02 for k in names[s::shards]}
             save_safetensors(part, f"{folder}/{file}", metadata={"format": "pt"})
             weight_map |= dict.fromkeys(part, file)
-        with open(f"{folder}/model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f)
-        with open(f"{folder}/config.json", "w") as f:
-            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
-                       "num_hidden_layers": n_layers, "num_attention_heads": dim // 128, "intermediate_size": ffn,
-                       "rms_norm_eps": 1e-5, "vocab_size": vocab, "hidden_act": "silu"}, f)
+        Path(folder, "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        Path(folder, "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim, "num_hidden_layers":
+            n_layers, "num_attention_heads": dim // 128, "intermediate_size": ffn, "rms_norm_eps": 1e-5,
+            "vocab_size": vocab, "hidden_act": "silu"}))
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             results = [pool.apply(_measure_load, (folder, dtype)) for dtype in (None, torch.float32)]
     n = sum(math.prod(s) for s in shapes.values())
-    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B parameters in bf16 safetensors), "
-          f"then every weight read once; peak growth of the process's resident memory:")
+    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B "
+          f"parameters in bf16 safetensors), then every weight read once; peak growth of resident memory:")
     for r in results:
         print(f"  to {r['dtype']:<9} {r['weights_GB']:.2f} GB of weights, loaded in {r['load_s']:.1f} s, "
               f"{r['rss_after_load_GB']:.2f} GB resident after load_llama: peak {r['peak_rss_GB']:.2f} GB = "

@@ -2380,13 +2380,16 @@ def test_cpu_side_by_side_run(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
         result = bench.main(["--methods", "mma,lora,mixlora,full", "--steps", "2", "--warmup", "1", "--batch_size",
-                             "2", "--gen_tokens", "4", "--threads", "1", "--json", str(out_json)])
+                             "2", "--gen_tokens", "4", "--threads", "1", "--quant", "nf4", "--json", str(out_json)])
     finally:
         torch.set_num_threads(threads)  # bench.main sets it process-wide; leave later tests as they were
     text = capsys.readouterr().out
     parsed = json.loads(text.strip().splitlines()[-1])  # the last line is the JSON object
     assert parsed == json.loads(out_json.read_text())
-    assert [r["method"] for r in parsed["train"]] == ["mma", "lora", "mixlora", "full"]
+    # each method on the fp32 base, then each adapter method again on a 4-bit one (full FT cannot train on one)
+    assert [(r["method"], r["quant"]) for r in parsed["train"]] == [
+        ("mma", None), ("lora", None), ("mixlora", None), ("full", None), ("mma", "nf4"), ("lora", "nf4"),
+        ("mixlora", "nf4")]
     for r in parsed["train"]:
         assert "error" not in r and r["step_ms"] > 0 and r["flops_per_step"] > 0
         assert set(r["extrapolation"]) == {"scienceqa", "pad512"}
@@ -2396,7 +2399,7 @@ def test_cpu_side_by_side_run(capsys, tmp_path):
         # part 2's table and FLOP breakdown, part 3's two length regimes, part 4's generation row
         assert tables.count(label + " ") == 5, label
     # merging must not change greedy tokens for the two methods that can merge
-    gen = {r["method"]: r["generation"] for r in parsed["train"]}
+    gen = {r["method"]: r["generation"] for r in parsed["train"] if r["quant"] is None}
     assert gen["mma"]["agree"] is True and gen["lora"]["agree"] is True
     # part 5: exact frozen bytes of the 7B block linears (32 x (4 x 4096² + 3 x 4096 x 11008) weights), and the
     # 4-bit step measured beside the fp32 one for every method that can train on a 4-bit base
@@ -2404,8 +2407,10 @@ def test_cpu_side_by_side_run(capsys, tmp_path):
     assert b7["bf16"] == 2 * 32 * (4 * 4096**2 + 3 * 4096 * 11008) and b7["fp32"] == 2 * b7["bf16"]
     assert b7["nf4"] == b7["bf16"] // 4 + 4 * b7["bf16"] // 2 // 64  # 4 bits + one fp32 absmax per 64 weights
     assert 4.12 < 8 * b7["nf4_dq"] / (b7["bf16"] / 2) < 4.13
-    assert [r["method"] for r in parsed["nf4_step"]] == ["mma", "lora", "mixlora"]
-    assert all(r["nf4"]["frozen_gb"] < r["fp32"]["frozen_gb"] and r["nf4"]["dequant_ms"] > 0 for r in parsed["nf4_step"])
+    base, nf4 = parsed["train"][:3], parsed["train"][4:]
+    assert all(q["frozen_gb"] < r["frozen_gb"] and q["dequant_ms"] > 0 and r["dequant_ms"] is None
+               for r, q in zip(base, nf4))
+    assert "fp32 base against a 4-bit one" in text and "LoRA r=64/NF4 " in tables
     assert gen["mixlora"]["merged"] is None and gen["full"]["merged"] is None
     mma_rows = {r["model"]: r["trainable"] for r in parsed["params"] if r["method"] == "MMA (LaVIN)"}
     assert mma_rows == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
