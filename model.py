@@ -38,8 +38,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable, quantize_block_
-from clip_vit import (VISION_PRESETS, SafeTensors, VisionArgs, VisionTransformer, hf_weight_files, load_clip, read_weights,
-                      torch_load)
+from clip_vit import (VISION_PRESETS, SafeTensors, VisionArgs, VisionTransformer, check_state_dict, hf_weight_files,
+                      load_clip, read_weights, torch_load)
 
 
 # =====================================================================================================================
@@ -443,7 +443,8 @@ def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512, quant
         args.n_kv_heads = sd["layers.0.attention.wk.weight"].shape[0] // args.head_dim
     with torch.device("meta"):
         model = Transformer(args)
-    check_shapes(model.state_dict(), sd, where=str(ckpt_dir))
+    check_state_dict(model.state_dict(), sd, f"the checkpoint in {ckpt_dir} does not match its config",
+                     "a config.json / params.json from another model, or an incomplete download?")
     model.load_state_dict(sd, assign=True)
     model.init_rope()
     if quant == "nf4":  # quantized in the checkpoint's own dtype, as Hugging Face's QLoRA loading does
@@ -451,16 +452,6 @@ def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512, quant
             quantize_block_(layer.to(device))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.requires_grad_(False)
-
-
-def check_shapes(expected: dict, got: dict, where: str):
-    """Name every missing, unexpected or mis-shaped tensor, with both shapes, before load_state_dict gives a vaguer error."""
-    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in expected.items() if k not in got]
-    problems += [f"unexpected tensor {k}" for k in got if k not in expected]
-    problems += [f"tensor {k}: checkpoint has {tuple(got[k].shape)}, its config implies {tuple(v.shape)}"
-                 for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
-    if problems:
-        raise ValueError(f"checkpoint in {where} does not match its config:\n  " + "\n  ".join(problems[:10]))
 
 
 # =====================================================================================================================
@@ -485,19 +476,6 @@ class Neck(nn.Module):
         return self.fc2(F.silu(self.fc1(v)))
 
 
-def visual_slots(tokens: torch.Tensor, has_image: torch.Tensor, n_visual: int,
-                 pad: torch.Tensor | None = None) -> torch.Tensor:
-    """Where data.sequence_head put the placeholders of image rows: the first n_visual `0` ids after each row's BOS
-    (at slot `pad`, 0 without left padding); the "Image: " prefix never encodes to id 0, <unk>. tokens (B, T),
-    has_image (B,) -> bool (B, T). Used by generation, where no collate'd vis_mask is at hand."""
-    B, T = tokens.shape
-    pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
-    idx = torch.arange(T, device=tokens.device)[None, :]  # (1, T)
-    zeros = (tokens == 0) & (idx > pad[:, None])  # (B, T): placeholders, and nothing else in a well-formed prompt
-    rank = zeros.long().cumsum(1)  # 1, 2, ... along each row's zeros
-    return zeros & (rank <= n_visual) & has_image.bool()[:, None]
-
-
 class LaVIN(nn.Module):
     def __init__(self, llama: Transformer, visual: VisionTransformer, adapter_args: AdapterArgs):
         super().__init__()
@@ -517,7 +495,7 @@ class LaVIN(nn.Module):
                 "adapter": asdict(self.adapter_args)}
 
     # ---- the input sequence
-    def embed(self, tokens, has_image, vis_mask=None, images=None, pad=None) -> torch.Tensor:
+    def embed(self, tokens, has_image, vis_mask=None, images=None) -> torch.Tensor:
         """
         tokens (B, T) in data.sequence_head's layout, has_image (B,), vis_mask (B, T) marking the placeholder slots of
         image rows, images (N_img, 3, H, W) for the image rows in batch order -> (B, 1 + T, C), the modality token at
@@ -526,7 +504,8 @@ class LaVIN(nn.Module):
         h = self.llama.tok_embeddings(tokens)  # (B, T, C)
         if images is not None:
             if vis_mask is None:
-                vis_mask = visual_slots(tokens, has_image, self.visual.args.n_tokens, pad)
+                raise ValueError("images need vis_mask, the (B, T) placeholder slots of the image rows: data.collate "
+                                 "gives it, data.visual_slots finds it in tokens")
             # Text-only rows never reach CLIP (the official code runs a zero image through it and throws the result
             # away); with per-image routing no image can influence another, so skipping is exact (README, 1 and 2).
             need_grad = any(p.requires_grad for p in self.visual.parameters())
