@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from clip_vit import check_state_dict
 from router import FactorRouter, Router, default_tau
 
 METHODS = ("mma", "lora", "mixlora", "full")
@@ -565,17 +566,9 @@ def load_trainable(model: nn.Module, sd: dict):
     if any(".conv_A." in k or ".expert_weights." in k for k in sd):
         sd = convert_official_lavin(sd)
     params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    missing = sorted(expected - sd.keys())
-    unexpected = sorted(sd.keys() - params.keys())
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(params[k].shape)}"
-                    for k in sd.keys() & params.keys() if tuple(sd[k].shape) != tuple(params[k].shape))
-    if missing or unexpected or shapes:
-        lines = ["adapter checkpoint does not match the model (wrong --method, model size or adapter flags?)"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-        raise ValueError("\n".join(lines))
+    # Every trainable tensor must be there; frozen ones may be too (they load like the rest), nothing else.
+    check_state_dict({n: p for n, p in params.items() if p.requires_grad}, sd, "adapter checkpoint does not match "
+                     "the model", "wrong --method, model size or adapter flags?", allowed=params)
     with torch.no_grad():
         for k, v in sd.items():
             p = params[k]

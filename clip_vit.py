@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading weight files (safetensors, torch), for load_clip here and model.load_llama
+# Reading and checking weight files (safetensors, torch), for load_clip here, model.load_llama and
+# adapters.load_trainable
 
 # safetensors' dtype strings (huggingface/safetensors, the format's README and its Rust `Dtype`) -> torch dtypes.
 # The sub-byte F4 / F6_* types have no torch dtype that frombuffer can fill, so they are refused as unknown.
@@ -200,6 +201,21 @@ def read_weights(path, what: str = "checkpoint") -> Mapping:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def check_state_dict(expected: Mapping, got: Mapping, what: str, hint: str, allowed: Mapping | None = None):
+    """Before load_state_dict gives a vaguer error: every tensor of `expected` must be in `got`, and every tensor of
+    `got` must be in `allowed` (default `expected`) with that shape. Lists each kind of mismatch (a count, the first 8)
+    in one ValueError whose first line is `what` and `hint` (how to fix it). Values: tensors, or anything with .shape."""
+    allowed = expected if allowed is None else allowed
+    found = {"missing": [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in got],
+             "unexpected": [k for k in got if k not in allowed],
+             "wrong shape": [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(allowed[k].shape)}"
+                             for k, v in got.items() if k in allowed and tuple(v.shape) != tuple(allowed[k].shape)]}
+    lines = [f"  {kind} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
+             for kind, items in found.items() if items]
+    if lines:
+        raise ValueError("\n".join([f"{what} ({hint})"] + lines))
 
 
 def hf_weight_files(folder) -> list[Path]:
@@ -508,16 +524,8 @@ def load_clip(path, device="cpu", feature_every: int = 4) -> VisionTransformer:
     # Build on the meta device: no memory and no random init for weights that are about to be overwritten
     with torch.device("meta"):
         model = VisionTransformer(args)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{path}: keys do not match a CLIP ViT with {args}: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    for key, t in expected.items():
-        if sd[key].shape != t.shape:
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)} in the checkpoint, but the "
-                             f"architecture inferred from it ({args}) needs {tuple(t.shape)}")
+    check_state_dict(model.state_dict(), sd, f"{path} does not match {args}, the CLIP ViT its shapes describe",
+                     "an incomplete or edited file? Use OpenAI's ViT-L-14.pt or a Hugging Face CLIP download")
     # fp32 masters (OpenAI stores fp16); assign=True adopts the tensors instead of copying into meta storage
     model.load_state_dict({k: v.detach().float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     return model.to(device)

@@ -104,6 +104,19 @@ def sequence_head(bos_id: int, prefix: list[int], n_visual: int) -> list[int]:
     return [bos_id] + list(prefix) + [0] * n_visual
 
 
+def visual_slots(tokens: torch.Tensor, has_image: torch.Tensor, n_visual: int,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
+    """sequence_head's inverse: where it put the placeholders of image rows, the first n_visual `0` ids after each
+    row's BOS (at slot `pad`, 0 without left padding); the "Image: " prefix never encodes to id 0, <unk>. tokens
+    (B, T), has_image (B,) -> bool (B, T). For evaluate.generate, where no collate'd vis_mask is at hand."""
+    B, T = tokens.shape
+    pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
+    idx = torch.arange(T, device=tokens.device)[None, :]  # (1, T)
+    zeros = (tokens == 0) & (idx > pad[:, None])  # (B, T): placeholders, and nothing else in a well-formed prompt
+    rank = zeros.long().cumsum(1)  # 1, 2, ... along each row's zeros
+    return zeros & (rank <= n_visual) & has_image.bool()[:, None]
+
+
 def _head(tok, has_image, n_visual):
     """The head for this tokenizer -> (ids, index of the first placeholder)."""
     if has_image and not n_visual:

@@ -324,7 +324,8 @@ def generate(model: LaVIN, prompts: list[list[int]], has_image, images=None, max
     tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
     for b, p in enumerate(prompts):
         tokens[b, P - len(p):] = torch.tensor(p, device=dev)
-    h = model.embed(tokens, has_image, None, images, pad)  # (B, 1 + P, C): [modality, pads..., prompt]
+    vis_mask = data.visual_slots(tokens, has_image, model.visual.args.n_tokens, pad)  # (B, P)
+    h = model.embed(tokens, has_image, vis_mask, images)  # (B, 1 + P, C): [modality, pads..., prompt]
     # Move each row's modality token from slot 0 to slot pad_b, right before its BOS; the pads shift left by one.
     s = torch.arange(1 + P, device=dev)[None, :]  # (1, 1 + P)
     order = torch.where(s < pad[:, None], s + 1, torch.where(s == pad[:, None], 0, s))  # (B, 1 + P)

@@ -1,28 +1,18 @@
 """
 LLaMA, written out by hand, and LaVIN: a frozen LLaMA and a frozen CLIP ViT joined by Mixture-of-Modality adapters.
 
-Part 1, LLaMA (Touvron et al. 2023; meta-llama/llama llama/model.py, whose checkpoints load unchanged): pre-norm
-RMSNorm blocks, rotary position embeddings pairing adjacent dimensions, grouped-query attention (LLaMA-2 field
-n_kv_heads), a SwiGLU feed-forward, no biases, untied head. A static KV cache serves prefill and decode with one code
-path (gpt-fast), and `load_llama` reads Meta's `params.json` + `consolidated.*.pth`, merging model-parallel shards, or
-a Hugging Face folder (transformers' LlamaForCausalLM: LLaMA-1/2, Vicuna), undoing its q/k row permutation.
-
-Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023, §3; luogen1996/LaVIN lavin/model.py,
-lavin/eval_model.py): the sequence (laid out by data.sequence_head) is
+Part 1, LLaMA (Touvron et al. 2023; meta-llama/llama llama/model.py, whose checkpoints load unchanged), with one
+static KV cache path for prefill and decode (gpt-fast). Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023,
+§3; luogen1996/LaVIN lavin/model.py, lavin/eval_model.py), on the sequence that data.sequence_head lays out:
 
     [modality] [BOS] "Image: " [6 visual tokens] prompt answer [EOS]      (an image sample)
     [modality] [BOS] "Image: N/A"                prompt answer [EOS]      (a text-only sample)
 
-where the modality token (nn.Embedding(2, C), position 0) is seen by no other position and drives every layer's
-router, and the 6 visual tokens are CLIP's class token after every 4th block, through a small neck. Only the adapters
-(adapters.py) train. Deliberate departures from the official code are commented where they happen and numbered in the
-README's "Differences from the official code": per-image CLIP routing (1, in clip_vit.py), text-only samples skip
-CLIP (2), re-parameterised adapters (6), fp32 loss (7). Decoding (3-5) is evaluate.generate's.
-
-Part 3: building, loading and checkpoints, the one place every script gets a model from.
-
-Used by: `python train.py`, `python sample.py`, `python evaluate.py`, `python bench.py`; tests: `python -m pytest
-test_all.py -k model`.
+The modality token (position 0) is seen by no other position and drives every layer's router; the visual tokens are
+CLIP's class token after every 4th block, through a small neck. Only the adapters (adapters.py) train. Departures
+(README, "Differences from the official code"): per-image CLIP routing (1, clip_vit.py), text-only samples skip CLIP
+(2), re-parameterised adapters (6), fp32 loss (7); decoding (3-5) is evaluate.generate's. Part 3: building, loading
+and checkpoints, the one place every script gets a model from. Tests: `python -m pytest test_all.py -k model`.
 """
 
 import argparse
@@ -38,8 +28,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable, quantize_block_
-from clip_vit import (VISION_PRESETS, SafeTensors, VisionArgs, VisionTransformer, hf_weight_files, load_clip, read_weights,
-                      torch_load)
+from clip_vit import (VISION_PRESETS, SafeTensors, VisionArgs, VisionTransformer, check_state_dict, hf_weight_files,
+                      load_clip, read_weights, torch_load)
 
 
 # =====================================================================================================================
@@ -63,8 +53,7 @@ class ModelArgs:
     def ffn_dim(self) -> int:
         if self.hidden_dim is not None:
             return self.hidden_dim
-        # Meta's rule: 2/3 of 4d (SwiGLU has three matrices, so this keeps the parameter count of a 4d GELU MLP),
-        # optionally scaled, rounded up to multiple_of. 7B: int(2*4*4096/3) = 10922 -> 11008.
+        # Meta's rule: 2/3 of 4d (SwiGLU's 3 matrices keep a 4d MLP's size), scaled, rounded up; 7B: 10922 -> 11008
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -78,8 +67,7 @@ class ModelArgs:
 LLAMA_PRESETS = {
     "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32),  # FFN 11008
     "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40),  # FFN 13824
-    # The CPU quick start: 4 layers of width 128 (~0.8M parameters in the blocks). vocab_size comes from the
-    # generated quiz's tokenizer. multiple_of 32 gives FFN 352.
+    # The CPU quick start: ~0.8M parameters in the blocks, FFN 352; vocab_size comes from the quiz's tokenizer.
     "tiny": ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=32, norm_eps=1e-5),
 }
 
@@ -87,15 +75,12 @@ LLAMA_PRESETS = {
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the gain, exactly as Meta's reference: in bf16 the mean of squares
-        # over 4096 channels would lose the precision that the norm exists to provide.
+        # In fp32, cast back before the gain (Meta's reference): a bf16 mean of 4096 squares loses the precision needed
         xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, end: int, theta: float):
@@ -106,25 +91,17 @@ def rope_tables(head_dim: int, end: int, theta: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """
-    Rotate adjacent pairs (2i, 2i+1) as complex numbers (x_2i + j x_2i+1) · e^{j·angle}: Meta's interleaved pairing,
-    which its wq/wk rows assume (Hugging Face conversions permute the rows to use rotate_half instead; do not mix).
-    Real-valued, in fp32: complex buffers cannot be broadcast by NCCL (llama2.c's note) and do not compile well.
-    x: (B, T, H, D); cos, sin: (B or 1, T, D/2).
-    """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2)
+    """Rotate pairs (2i, 2i+1) as complex numbers by e^{j·angle}, Meta's pairing (load_llama un-permutes HF's), real
+    and fp32 (NCCL cannot broadcast complex buffers; llama2.c's note). x: (B, T, H, D); cos, sin: (B or 1, T, D/2)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each: the pairs' two halves
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2): the same angle for every head
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, D/2, 2)
     return out.flatten(-2).type_as(x)
 
 
 class LayerCache(nn.Module):
-    """
-    Decoding state of one block: keys and values per cache slot (gpt-fast's static KV cache), and the router input
-    of the block's MM-Adapter, which is read once at prefill from the modality token and reused for every decoded
-    token (routing is a per-modality constant, paper §3.2).
-    """
+    """Decoding state of one block: keys and values per cache slot (gpt-fast's static KV cache), and its MM-Adapter's
+    router input, read at prefill from the modality token and reused by every decoded token (paper §3.2)."""
 
     def __init__(self, batch: int, slots: int, n_kv_heads: int, head_dim: int, dim: int, dtype, device):
         super().__init__()
@@ -134,36 +111,28 @@ class LayerCache(nn.Module):
         self.register_buffer("route", torch.zeros(batch, dim, dtype=dtype, device=device), persistent=False)
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, Hkv, T, D) for slots [start_pos, start_pos + T); returns everything cached so far
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        end = start_pos + k.shape[2]  # k, v: (B, Hkv, T, D) for slots [start_pos, end)
+        self.k[:, :, start_pos:end], self.v[:, :, start_pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]  # everything cached so far
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.head_dim = args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads or args.n_heads, args.head_dim
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None, start_pos: int = 0):
-        # Legend: B batch, T new tokens, S attended slots, H query heads, Hkv key/value heads, D head dim.
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        B, T, _ = x.shape  # B batch, T new tokens; S attended slots, H query heads, Hkv key/value heads, D head dim
+        q, k, v = (w(x).view(B, T, -1, self.head_dim) for w in (self.wq, self.wk, self.wv))  # (B, T, H|Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, Hkv, S, D)
-        # SDPA accumulates the softmax in fp32 (Meta's reference upcasts explicitly). LaVIN needs an explicit mask,
-        # causal plus the blocked modality column (and left padding at generation); mask None means plain causal.
+        # SDPA accumulates the softmax in fp32 (Meta's reference upcasts explicitly); mask None is plain causal.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
@@ -191,15 +160,12 @@ class TransformerBlock(nn.Module):
         self.cache: LayerCache | None = None
 
     def forward(self, x, cos, sin, mask, start_pos: int = 0, first: torch.Tensor | None = None):
-        # x: (B, T, C). `first` (B,) is the slot of each row's first token (its modality token in LaVIN).
-        h = self.attention_norm(x)  # (B, T, C)
+        h = self.attention_norm(x)  # (B, T, C); `first` (B,): each row's first slot (LaVIN's modality token)
         if self.adapter_attn is not None:
-            # h = Adapter(RMSNorm(x)): q, k and v all read the adapted input; the residual adds to the raw x (paper Fig. 2).
+            # h = Adapter(RMSNorm(x)): q, k and v read the adapted input; the residual adds to the raw x (paper Fig. 2).
             if start_pos == 0:
-                # Router input: the normalised state at the first slot. In LaVIN that is the modality token, which
-                # attends only to itself, so this is a fixed function of the modality in every layer.
-                rows = torch.arange(x.shape[0], device=x.device)
-                r = h[rows, first] if first is not None else h[:, 0]  # (B, C)
+                # Router input: the first slot, LaVIN's modality token, which sees only itself: fixed per modality
+                r = h[:, 0] if first is None else h[torch.arange(x.shape[0], device=x.device), first]  # (B, C)
                 if self.cache is not None:
                     self.cache.route.copy_(r)
             else:
@@ -221,15 +187,13 @@ class Transformer(nn.Module):
         self.init_rope()
 
     def init_rope(self, device=None):
-        """(Re)build the RoPE tables: non-persistent buffers, so after building on the meta device and loading
-        weights with assign=True they must be computed on the real device."""
+        """(Re)build the RoPE tables on `device`: non-persistent buffers, which a meta-device build leaves empty."""
         cos, sin = rope_tables(self.args.head_dim, 2 * self.args.max_seq_len, self.args.rope_theta)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype), .half(), .to_empty() ... reach every buffer through here. The RoPE tables must stay fp32,
-        # as Meta's freqs_cis does (in bf16 they are off by up to 2e-3): rebuild them on the device they went to.
+        # .to(dtype), .half(), .to_empty() reach buffers here: RoPE stays fp32 (Meta's freqs_cis; bf16 is 2e-3 off)
         super()._apply(fn, recurse)
         self.init_rope(self.rope_cos.device)
         return self
@@ -238,30 +202,24 @@ class Transformer(nn.Module):
         """Allocate a KV cache of `slots` positions for `batch` rows (in the dtype/device of the weights)."""
         if slots > self.rope_cos.shape[0]:
             raise ValueError(f"{slots} cache slots exceed the RoPE table ({self.rope_cos.shape[0]}); raise max_seq_len")
-        w = self.layers[0].attention.wq.weight
+        w, a = self.layers[0].attention.wq.weight, self.args
         for layer in self.layers:
-            layer.cache = LayerCache(batch, slots, layer.attention.n_kv_heads, self.args.head_dim, self.args.dim,
-                                     w.dtype, w.device)
+            layer.cache = LayerCache(batch, slots, layer.attention.n_kv_heads, a.head_dim, a.dim, w.dtype, w.device)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.cache = None
 
-    def forward_embeds(self, h: torch.Tensor, start_pos: int = 0, pad: torch.Tensor | None = None,
-                       mask_first: bool = False) -> torch.Tensor:
-        """
-        Run the blocks on input embeddings h (B, T, C) that occupy cache slots [start_pos, start_pos + T); returns the
-        final-normed hidden states (B, T, C). `pad` (B,) counts each row's left padding: RoPE positions are slot - pad,
-        so every row starts at position 0 however long its prompt. `mask_first` hides each row's first real slot from
-        all later ones (LaVIN's modality token, lavin/model.py's mask).
-        """
-        cos, sin, mask = self.tables(h.shape[0], start_pos, h.shape[1], pad, mask_first)
-        return self.run_blocks(h, cos, sin, mask, start_pos, pad)
+    def forward_embeds(self, h: torch.Tensor, start_pos: int = 0, mask_first: bool = False) -> torch.Tensor:
+        """The blocks on input embeddings h (B, T, C) at cache slots [start_pos, start_pos + T) -> the final-normed
+        hidden states (B, T, C). mask_first hides slot 0 from later ones (the modality token, lavin/model.py's mask)."""
+        cos, sin, mask = self.tables(h.shape[0], start_pos, h.shape[1], mask_first=mask_first)
+        return self.run_blocks(h, cos, sin, mask, start_pos)
 
     def tables(self, B: int, start_pos: int, T: int, pad: torch.Tensor | None = None, mask_first: bool = False):
         """RoPE cos, sin (B, T, D/2) and the boolean mask (B, 1, T, S) of T queries from slot start_pos on, S =
-        start_pos + T. The mask is None where it is plain causal (no padding, no hidden slot, no earlier slots), so
-        that SDPA takes its is_causal path, which skips the masked half instead of computing and discarding it."""
+        start_pos + T. Row b's RoPE positions start at 0 after its `pad[b]` left pads; `mask_first` hides its first real
+        slot (the modality token) from later ones. None where plain causal: SDPA's is_causal skips the masked half."""
         dev = self.rope_cos.device
         plain = pad is None and not mask_first and start_pos == 0
         pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad
@@ -302,15 +260,9 @@ _SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, 
 
 def merge_shards(shards: list[dict]) -> dict:
     if len(shards) == 1:
-        return dict(shards[0])
-    out = {}
-    for key in shards[0]:
-        if key == "rope.freqs":
-            continue  # old checkpoints store the RoPE frequencies; we compute them
-        name = key.split(".")[-2]  # e.g. "wq" in layers.0.attention.wq.weight
-        dim = _SHARD_DIM.get(name)
-        out[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
-    return out
+        return dict(shards[0])  # no copy of the memory-mapped tensors
+    dims = {k: _SHARD_DIM.get(k.split(".")[-2]) for k in shards[0]}  # e.g. "wq" of layers.0.attention.wq.weight
+    return {k: shards[0][k] if d is None else torch.cat([s[k] for s in shards], dim=d) for k, d in dims.items()}
 
 
 # Hugging Face's layout (transformers' LlamaForCausalLM, as its convert_llama_weights_to_hf.py writes it from Meta's)
@@ -332,16 +284,15 @@ def hf_to_meta_name(name: str) -> str | None:
 
 
 def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's q or k rows -> Meta's. convert_llama_weights_to_hf.py permutes each head's rows so that HF's rotate_half,
-    which pairs dimensions (i, i + D/2), rotates the pairs Meta's RoPE forms from (2i, 2i + 1): it lists a head's even
-    rows, then its odd ones. This undoes it. k needs the key/value head count, not the query head count."""
+    """HF's q or k rows -> Meta's: convert_llama_weights_to_hf.py lists each head's even rows, then its odd ones, so
+    that HF's rotate_half, pairing (i, i + D/2), rotates Meta's pairs (2i, 2i + 1). k takes the key/value head count."""
     rows, cols = w.shape
     w = w.view(n_heads, 2, rows // n_heads // 2, cols)  # (H, 2, D/2, C): [even rows; odd rows] of each head
     return w.transpose(1, 2).reshape(rows, cols)  # (H, D/2, 2, C) -> (H·D, C): rows 0, 1, 2, ... interleaved again
 
 
 def hf_llama_args(cfg: dict, where: Path, max_seq_len: int) -> ModelArgs:
-    """config.json -> ModelArgs, refusing what this LLaMA cannot compute faithfully."""
+    """config.json -> ModelArgs (vocab size, FFN width: from the tensors), refusing what this LLaMA cannot compute."""
     arch = cfg.get("architectures") or ["LlamaForCausalLM"]
     if cfg.get("model_type") != "llama" or arch != ["LlamaForCausalLM"]:
         raise ValueError(f"{where} describes a {cfg.get('model_type')} model {arch}, not LLaMA: only "
@@ -358,7 +309,6 @@ def hf_llama_args(cfg: dict, where: Path, max_seq_len: int) -> ModelArgs:
     if odd:
         raise ValueError(f"{where} has {odd}: not LLaMA's architecture (no biases, SwiGLU, head size hidden/heads)")
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    # vocab_size and the FFN width are taken from the tensors, as for Meta's layout
     return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
                      n_kv_heads=cfg.get("num_key_value_heads") or heads, norm_eps=cfg["rms_norm_eps"],
                      rope_theta=theta, max_seq_len=max_seq_len)
@@ -392,9 +342,9 @@ def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
     """Meta's layout: params.json + consolidated.00.pth (+ .01 ... for model-parallel shards, merged here)."""
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
-        raise FileNotFoundError(f"neither params.json nor config.json in {ckpt_dir}: --llama_dir must be a Meta-layout "
-                                f"folder (params.json + consolidated.*.pth, e.g. .../LLaMA/7B) or a Hugging Face one "
-                                f"(config.json + model*.safetensors, e.g. a download of meta-llama/Llama-2-7b-hf)")
+        raise FileNotFoundError(f"neither params.json nor config.json in {ckpt_dir}: --llama_dir is Meta's layout "
+                                f"(params.json + consolidated.*.pth, e.g. .../LLaMA/7B) or Hugging Face's (config.json "
+                                f"+ model*.safetensors, e.g. meta-llama/Llama-2-7b-hf)")
     shard_paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not shard_paths:
         raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}: expected Meta's checkpoint shards there")
@@ -410,23 +360,17 @@ def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
     if unknown:
         raise ValueError(f"{params_path} has keys this loader does not understand: {unknown}; refusing rather than "
                          f"ignoring what they may change")
-    shards = [torch_load(p, "LLaMA checkpoint", mmap=True) for p in shard_paths]
-    sd = merge_shards(shards)
-    sd.pop("rope.freqs", None)
+    sd = merge_shards([torch_load(p, "LLaMA checkpoint", mmap=True) for p in shard_paths])
+    sd.pop("rope.freqs", None)  # old checkpoints store the RoPE frequencies; we compute them
     args = ModelArgs(**{k: v for k, v in params.items() if k in known and v is not None})
     args.max_seq_len = max(max_seq_len, params.get("max_seq_len") or 0)
     return args, sd
 
 
 def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512, quant: str | None = None) -> Transformer:
-    """
-    Load Meta's layout (params.json + consolidated.*.pth) or Hugging Face's, told apart by its config.json (with
-    model.safetensors, its shards and index, or pytorch_model*.bin). Hyperparameters come from the config, completed
-    from tensor shapes where it is silent (vocab_size -1, the FFN width, n_kv_heads). The model is built on the meta
-    device and the weights assigned, so nothing is allocated twice (gpt-fast). quant="nf4": the block linears become
-    4-bit NormalFloat (QLoRA's storage; adapters.quantize_nf4) one block at a time, on the device, as the weights
-    stream in from the mapped file, so the peak stays near the 4-bit size plus one block.
-    """
+    """Meta's layout (params.json + consolidated.*.pth, shards merged) or, given config.json, Hugging Face's (LLaMA-1/2,
+    Vicuna) -> a frozen Transformer, built on the meta device and assigned the weights (gpt-fast: nothing allocated
+    twice). quant="nf4": block by block to 4-bit NormalFloat (QLoRA) on the device: the peak is 4-bit plus a block."""
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "config.json").is_file():
         cfg = json.loads((ckpt_dir / "config.json").read_text())
@@ -437,30 +381,18 @@ def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512, quant
     if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
         raise ValueError(f"the checkpoint in {ckpt_dir} does not look like LLaMA (no tok_embeddings / w1 tensors)")
     args.vocab_size = sd["tok_embeddings.weight"].shape[0]  # params.json says -1 in LLaMA-1
-    if args.hidden_dim is None:
-        args.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]  # the FFN width as stored wins
-    if args.n_kv_heads is None:
-        args.n_kv_heads = sd["layers.0.attention.wk.weight"].shape[0] // args.head_dim
+    args.hidden_dim = args.hidden_dim or sd["layers.0.feed_forward.w1.weight"].shape[0]  # the FFN width as stored
+    args.n_kv_heads = args.n_kv_heads or sd["layers.0.attention.wk.weight"].shape[0] // args.head_dim
     with torch.device("meta"):
         model = Transformer(args)
-    check_shapes(model.state_dict(), sd, where=str(ckpt_dir))
+    check_state_dict(model.state_dict(), sd, f"the checkpoint in {ckpt_dir} does not match its config",
+                     "a config.json / params.json from another model, or an incomplete download?")
     model.load_state_dict(sd, assign=True)
     model.init_rope()
     if quant == "nf4":  # quantized in the checkpoint's own dtype, as Hugging Face's QLoRA loading does
         for layer in model.layers:
             quantize_block_(layer.to(device))
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.requires_grad_(False)
-
-
-def check_shapes(expected: dict, got: dict, where: str):
-    """Name every missing, unexpected or mis-shaped tensor, with both shapes, before load_state_dict gives a vaguer error."""
-    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in expected.items() if k not in got]
-    problems += [f"unexpected tensor {k}" for k in got if k not in expected]
-    problems += [f"tensor {k}: checkpoint has {tuple(got[k].shape)}, its config implies {tuple(v.shape)}"
-                 for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
-    if problems:
-        raise ValueError(f"checkpoint in {where} does not match its config:\n  " + "\n  ".join(problems[:10]))
+    return model.to(device=device, dtype=dtype).requires_grad_(False)  # dtype None keeps the checkpoint's
 
 
 # =====================================================================================================================
@@ -470,8 +402,7 @@ IGNORE = -100  # the label of positions without a loss, PyTorch's default ignore
 
 
 class Neck(nn.Module):
-    """The visual neck `adapter_proj` (lavin/model.py): 1024 -> 128 -> C with SiLU (plain SiLU, although the paper's text
-    calls it SwiGLU). Xavier-uniform weights, zero biases."""
+    """The visual neck `adapter_proj` (lavin/model.py): 1024 -> 128 -> C, plain SiLU (the paper's text says SwiGLU)."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
@@ -485,19 +416,6 @@ class Neck(nn.Module):
         return self.fc2(F.silu(self.fc1(v)))
 
 
-def visual_slots(tokens: torch.Tensor, has_image: torch.Tensor, n_visual: int,
-                 pad: torch.Tensor | None = None) -> torch.Tensor:
-    """Where data.sequence_head put the placeholders of image rows: the first n_visual `0` ids after each row's BOS
-    (at slot `pad`, 0 without left padding); the "Image: " prefix never encodes to id 0, <unk>. tokens (B, T),
-    has_image (B,) -> bool (B, T). Used by generation, where no collate'd vis_mask is at hand."""
-    B, T = tokens.shape
-    pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
-    idx = torch.arange(T, device=tokens.device)[None, :]  # (1, T)
-    zeros = (tokens == 0) & (idx > pad[:, None])  # (B, T): placeholders, and nothing else in a well-formed prompt
-    rank = zeros.long().cumsum(1)  # 1, 2, ... along each row's zeros
-    return zeros & (rank <= n_visual) & has_image.bool()[:, None]
-
-
 class LaVIN(nn.Module):
     def __init__(self, llama: Transformer, visual: VisionTransformer, adapter_args: AdapterArgs):
         super().__init__()
@@ -508,8 +426,7 @@ class LaVIN(nn.Module):
             # Two entries, 0 text-only and 1 image (paper §3.2); PyTorch's default N(0, 1) init, as the official code.
             self.adapter_modality_embedding = nn.Embedding(2, C)
         inject_adapters(self, adapter_args)
-        self.merged_modality: int | None = None
-        self._unmerged = None  # what `merge` replaced, to restore it exactly
+        self.merged_modality, self._unmerged = None, None  # the modality merged for, and what `merge` replaced
 
     # ---- configuration, for checkpoints: sample.py rebuilds the model from these without flags
     def config(self) -> dict:
@@ -517,16 +434,13 @@ class LaVIN(nn.Module):
                 "adapter": asdict(self.adapter_args)}
 
     # ---- the input sequence
-    def embed(self, tokens, has_image, vis_mask=None, images=None, pad=None) -> torch.Tensor:
-        """
-        tokens (B, T) in data.sequence_head's layout, has_image (B,), vis_mask (B, T) marking the placeholder slots of
-        image rows, images (N_img, 3, H, W) for the image rows in batch order -> (B, 1 + T, C), the modality token at
-        slot 0.
-        """
+    def embed(self, tokens, has_image, vis_mask=None, images=None) -> torch.Tensor:
+        """tokens (B, T) in data.sequence_head's layout, has_image (B,), vis_mask (B, T): the image rows' placeholders,
+        images (N_img, 3, H, W) for the image rows in order -> (B, 1 + T, C), the modality token at slot 0."""
         h = self.llama.tok_embeddings(tokens)  # (B, T, C)
         if images is not None:
             if vis_mask is None:
-                vis_mask = visual_slots(tokens, has_image, self.visual.args.n_tokens, pad)
+                raise ValueError("images need vis_mask, their placeholder slots: data.collate or data.visual_slots")
             # Text-only rows never reach CLIP (the official code runs a zero image through it and throws the result
             # away); with per-image routing no image can influence another, so skipping is exact (README, 1 and 2).
             need_grad = any(p.requires_grad for p in self.visual.parameters())
@@ -538,39 +452,29 @@ class LaVIN(nn.Module):
         return torch.cat([m.to(h.dtype), h], dim=1)  # (B, 1 + T, C)
 
     def forward(self, tokens, has_image, vis_mask=None, images=None, labels=None, reduction: str = "mean"):
-        """
-        Training / full forward. Without labels: logits (B, 1 + T, vocab) in fp32. With labels (B, T) aligned to
-        tokens: the cross-entropy over the labelled positions (answer tokens and EOS), mean or sum. Slot t of the
-        sequence predicts token t (slot 0, the modality token, predicts BOS, which is never labelled).
-        """
+        """Logits (B, 1 + T, vocab) in fp32; with labels (B, T) aligned to tokens, the cross-entropy (mean or sum) over
+        the labelled ones (answer and EOS). Slot t predicts token t (slot 0, the modality token, predicts BOS)."""
         if labels is not None:
-            # The head and its vocab-wide softmax only where a label is: in LaVIN's data most of a row is prompt, so
-            # this skips most of the largest matmul. Slot t predicts token t, so labelled (b, t) reads slot (b, t) of
-            # the (B, 1 + T) sequence. Finding them reads a count from the device: before the blocks are queued.
+            # The head and its vocab-wide softmax only where a label is (most of a row is prompt): labelled (b, t)
+            # reads slot (b, t) of the (B, 1 + T) sequence. Finding them syncs with the device: before the blocks run.
             where = (labels != IGNORE).nonzero()  # (N, 2) rows and columns of the labelled tokens
             flat = where[:, 0] * (labels.shape[1] + 1) + where[:, 1]  # (N,) their index in the flattened sequence
         h = self.llama.forward_embeds(self.embed(tokens, has_image, vis_mask, images), mask_first=True)
         if labels is None:
             return self.llama.output(h).float()
-        logits = self.llama.output(h.flatten(0, 1)[flat])  # (N, vocab)
-        # The loss in fp32 (the official code takes it on fp16 logits; README, difference 7).
-        loss = F.cross_entropy(logits.float(), labels[where[:, 0], where[:, 1]], reduction=reduction)
+        logits = self.llama.output(h.flatten(0, 1)[flat]).float()  # (N, vocab) in fp32, not fp16 (README, difference 7)
+        loss = F.cross_entropy(logits, labels[where[:, 0], where[:, 1]], reduction=reduction)
         if images is None and self.training:
             loss = loss + self.visual_touch()
         return loss
 
     def visual_touch(self) -> torch.Tensor:
-        """
-        A micro-batch without images leaves the CLIP adapters and the neck without gradients. DDP and FSDP2 need every
-        rank to produce gradients for the same parameters each step (a rank-dependent set hangs the reduce), so we run
-        the visual path on one zero image and add 0 x its output: exact zeros, same parameters on every rank
-        (README, difference 2).
-        """
-        if not any(p.requires_grad for p in list(self.visual.parameters()) + list(self.adapter_proj.parameters())):
-            return torch.zeros((), device=self.adapter_proj.fc1.weight.device)
-        s = self.visual.args.image_size
-        zero = torch.zeros(1, 3, s, s, device=self.adapter_proj.fc1.weight.device)
-        return 0.0 * self.adapter_proj(self.visual(zero)).float().sum()
+        """0 x the visual path on a zero image: without images the CLIP adapters and neck get no gradients, but DDP and
+        FSDP2 need gradients for the same parameters on every rank, or the reduce hangs (README, difference 2)."""
+        dev, s = self.adapter_proj.fc1.weight.device, self.visual.args.image_size
+        if not any(p.requires_grad for p in [*self.visual.parameters(), *self.adapter_proj.parameters()]):
+            return torch.zeros((), device=dev)
+        return 0.0 * self.adapter_proj(self.visual(torch.zeros(1, 3, s, s, device=dev))).float().sum()
 
     # ---- re-parameterisation (README, difference 6)
     @torch.no_grad()
@@ -588,12 +492,9 @@ class LaVIN(nn.Module):
 
     @torch.no_grad()
     def merge(self, modality: int):
-        """
-        Fold the LLaMA-side adapters (MMA) or the LoRA updates into the frozen weights for one modality, so inference
-        pays nothing for them (README, difference 6). MMA: q/k/v gain a bias and a rank-8 update per layer
-        (adapters.fold_mma_into_qkv); the CLIP adapters route per image and stay as they are. `unmerge` restores the
-        originals exactly: they wait on the CPU meanwhile. MixLoRA's updates depend on the input: nothing to fold.
-        """
+        """Fold the LLaMA-side MMA adapters (into q/k/v: adapters.fold_mma_into_qkv) or LoRA updates into the frozen
+        weights for one modality, free at inference (README, difference 6); the CLIP adapters route per image and stay.
+        `unmerge` restores the originals exactly (they wait on the CPU). MixLoRA's depend on the input: no folding."""
         if self.adapter_args.method == "mixlora":
             raise ValueError("MixLoRA chooses its factors per input: its updates cannot be folded into the weights")
         if self.merged_modality == modality:
@@ -631,10 +532,10 @@ def build_lavin(llama_preset="tiny", vision_preset="tiny", adapter_args: Adapter
                 max_seq_len: int = 512, device="cpu") -> LaVIN:
     """A LaVIN from presets with random weights (meta device: shapes only, no memory)."""
     largs = replace(LLAMA_PRESETS[llama_preset], max_seq_len=max_seq_len)
-    if vocab_size is not None:
-        largs.vocab_size = vocab_size
+    largs.vocab_size = vocab_size or largs.vocab_size
     with torch.device(device):
-        return LaVIN(Transformer(largs), VisionTransformer(VISION_PRESETS[vision_preset]), adapter_args or AdapterArgs())
+        visual = VisionTransformer(VISION_PRESETS[vision_preset])
+        return LaVIN(Transformer(largs), visual, adapter_args or AdapterArgs())
 
 
 def load_lavin(llama_dir, clip_path, adapter_args: AdapterArgs, device="cpu", dtype=None, max_seq_len: int = 512,
@@ -642,22 +543,17 @@ def load_lavin(llama_dir, clip_path, adapter_args: AdapterArgs, device="cpu", dt
     """LaVIN on pretrained backbones: LLaMA and CLIP in Meta's / OpenAI's layouts or Hugging Face's, frozen in `dtype`
     (None keeps fp32), with fresh adapters in fp32 (their master weights; autocast computes in bf16 on GPU)."""
     llama = load_llama(llama_dir, device, dtype, max_seq_len, quant)
-    visual = load_clip(clip_path, device, clip_every).requires_grad_(False)
-    if dtype is not None:
-        visual = visual.to(dtype)
-    return LaVIN(llama, visual, adapter_args)
+    return LaVIN(llama, load_clip(clip_path, device, clip_every).requires_grad_(False).to(dtype), adapter_args)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
 def warmup_cosine(t: float, warmup: float, total: float, peak: float, floor: float = 0.0) -> float:
-    """The learning rate at time t (steps or fractional epochs): linear warmup to `peak`, then a half-cycle cosine to
-    `floor` at `total` (util/lr_sched.py adjust_learning_rate, which train.py calls every step with t = epochs done;
-    quiz.py's stand-in pre-training uses it with t = steps)."""
+    """The learning rate at t (fractional epochs in train.py, steps in quiz.py): linear warmup to `peak`, then a
+    half-cycle cosine to `floor` at `total` (util/lr_sched.py adjust_learning_rate)."""
     if t < warmup:
         return peak * t / warmup
     progress = min(1.0, (t - warmup) / max(1e-8, total - warmup))
@@ -665,9 +561,8 @@ def warmup_cosine(t: float, warmup: float, total: float, peak: float, floor: flo
 
 
 def save_checkpoint(path, obj: dict):
-    """Write to a temporary file, flush it to disk, then rename over the old one: the rename is atomic, so a run killed
-    mid-save leaves the previous checkpoint intact, never a half-written file in its place. The temporary name holds
-    the writer's pid, so two writers never share one, and a failed write (a full disk, Ctrl-C) removes it."""
+    """Write a temporary file (named by the pid, so writers never share one; removed if the write fails), fsync it and
+    rename it over the old one: the rename is atomic, so a run killed mid-save leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -685,12 +580,8 @@ def save_checkpoint(path, obj: dict):
 
 
 def load_checkpoint(path) -> dict:
-    """
-    train.py's checkpoint ({"model", "optimizer", "step", "rng", "config", "args"}), or an official LaVIN adapter file
-    (`checkpoint-{epoch}.pth`: {"model": adapter tensors, "args": argparse.Namespace, ...}). The official file pickles
-    an argparse.Namespace next to the weights, which torch.load's safe mode refuses; instead of unpickling arbitrary
-    code (weights_only=False) we allow-list exactly that one class.
-    """
+    """train.py's checkpoint, or an official LaVIN adapter file (checkpoint-{epoch}.pth), whose argparse.Namespace the
+    safe torch.load refuses: rather than unpickling arbitrary code (weights_only=False) we allow-list that class."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (train.py writes {{out_dir}}/ckpt.pt; "
@@ -704,15 +595,9 @@ def load_checkpoint(path) -> dict:
 
 
 def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) -> tuple[LaVIN, dict]:
-    """
-    Rebuild a trained LaVIN from a checkpoint (load_checkpoint's dict) -> (model in eval mode, how it was trained:
-    {"llama_dir", "clip_path", "tokenizer" (None: LLaMA's own), "norm", "prompt_format", "data_dir", "chat",
-    "clip_every", "quant"}). `overrides` (None values ignored) win over what the checkpoint records: base weights
-    moved to another machine, or `quant="nf4"` to run on a 4-bit base. Ours records how to rebuild the model; an
-    official file holds only the adapters, so the base weights must be given and the rest is the official
-    pipeline's: MMA at the width's temperature (or overrides["tau"]), visual tokens after every 4th CLIP block,
-    ImageNet normalisation, QCM-ALE.
-    """
+    """load_checkpoint's dict -> (the trained LaVIN in eval mode, `info`: how it was trained). `overrides` (None values
+    ignored) win over the record, e.g. moved base weights or quant="nf4". An official file holds only adapters: give the
+    base weights; the rest is the official pipeline's (MMA at the width's tau, 4th CLIP blocks, ImageNet, QCM-ALE)."""
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "config" in ckpt:
         a, cfg = ckpt["args"], ckpt["config"]
@@ -742,8 +627,7 @@ def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) 
 
 
 def check_base(config: dict, model: LaVIN, info: dict):
-    """The base weights just loaded must be those the adapters were trained on (ckpt["config"]): the shapes, and what
-    shapes cannot reveal (head count, norm epsilon, RoPE base), each compared as the model uses it."""
+    """The base weights must be those the adapters were trained on: shapes, and what they hide (heads, eps, RoPE)."""
     def summary(la: ModelArgs, va: VisionArgs) -> dict:
         llama = dict(dim=la.dim, n_layers=la.n_layers, n_heads=la.n_heads, n_kv_heads=la.n_kv_heads or la.n_heads,
                      vocab_size=la.vocab_size, ffn_dim=la.ffn_dim, norm_eps=la.norm_eps, rope_theta=la.rope_theta)

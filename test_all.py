@@ -1688,6 +1688,21 @@ def test_truncation_keeps_answer_start(quiz, tok):
     assert data.encode_prompt(tok, prompt, True, n_visual=NV) == full["tokens"][: n_head + n_prompt].tolist()
 
 
+def test_visual_slots_invert_sequence_head_and_embed_needs_them(tok):
+    # Left-padded prompts, as evaluate.generate lays them out: visual_slots finds what encode_example marks.
+    prompt, answer = "Question: What color is the circle?\nResponse:", "The answer is B."
+    encs = [data.encode_example(tok, prompt, answer, img, max_seq_len=512, n_visual=NV) for img in (True, False)]
+    P = max(len(e["tokens"]) for e in encs) + 2
+    pad = torch.tensor([P - len(e["tokens"]) for e in encs])  # (2,)
+    tokens, want = torch.zeros(2, P, dtype=torch.long), torch.zeros(2, P, dtype=torch.bool)
+    for b, e in enumerate(encs):
+        tokens[b, pad[b]:], want[b, pad[b]:] = e["tokens"], e["vis_mask"]
+    assert want.sum() == NV and torch.equal(data.visual_slots(tokens, torch.tensor([True, False]), NV, pad), want)
+    tokens, has_image, _, imgs, _ = make_batch()
+    with pytest.raises(ValueError, match="images need vis_mask"):
+        tiny_lavin().embed(tokens, has_image, None, imgs)
+
+
 def test_encode_dialogue(quiz, tok):
     turns = [("What color is the circle?", "The circle is red."), ("Where is the circle?", "It is at the top left.")]
     enc = data.encode_dialogue(tok, turns, has_image=True, max_seq_len=512, n_visual=NV)
