@@ -1,9 +1,12 @@
 """
 LLaMA, written out by hand, and LaVIN: a frozen LLaMA and a frozen CLIP ViT joined by Mixture-of-Modality adapters.
 
-Part 1, LLaMA (Touvron et al. 2023; meta-llama/llama llama/model.py, whose checkpoints load unchanged), with one
-static KV cache path for prefill and decode (gpt-fast). Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023,
-§3; luogen1996/LaVIN lavin/model.py, lavin/eval_model.py), on the sequence that data.sequence_head lays out:
+Part 1, LLaMA (Touvron et al. 2023; meta-llama/llama llama/model.py, whose checkpoints load unchanged): pre-norm
+RMSNorm blocks, RoPE on adjacent pairs, grouped-query attention, SwiGLU, one static KV cache path for prefill and
+decode (gpt-fast), and `load_llama` for Meta's and Hugging Face's layouts.
+
+Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023, §3; luogen1996/LaVIN lavin/model.py, lavin/eval_model.py),
+on the sequence that data.sequence_head lays out:
 
     [modality] [BOS] "Image: " [6 visual tokens] prompt answer [EOS]      (an image sample)
     [modality] [BOS] "Image: N/A"                prompt answer [EOS]      (a text-only sample)
@@ -12,7 +15,10 @@ The modality token (position 0) is seen by no other position and drives every la
 CLIP's class token after every 4th block, through a small neck. Only the adapters (adapters.py) train. Departures
 (README, "Differences from the official code"): per-image CLIP routing (1, clip_vit.py), text-only samples skip CLIP
 (2), re-parameterised adapters (6), fp32 loss (7); decoding (3-5) is evaluate.generate's. Part 3: building, loading
-and checkpoints, the one place every script gets a model from. Tests: `python -m pytest test_all.py -k model`.
+and checkpoints, the one place every script gets a model from.
+
+Used by `python train.py`, `python sample.py`, `python evaluate.py`, `python bench.py`; tests: `python -m pytest -q
+test_all.py -k model`.
 """
 
 import argparse
@@ -595,8 +601,9 @@ def load_checkpoint(path) -> dict:
 
 
 def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) -> tuple[LaVIN, dict]:
-    """load_checkpoint's dict -> (the trained LaVIN in eval mode, `info`: how it was trained). `overrides` (None values
-    ignored) win over the record, e.g. moved base weights or quant="nf4". An official file holds only adapters: give the
+    """load_checkpoint's dict -> (the trained LaVIN in eval mode, how it was trained: {llama_dir, clip_path, tokenizer
+    (None: LLaMA's), norm, prompt_format, data_dir, chat, clip_every, quant}). `overrides` (None values ignored) win
+    over the record, e.g. moved base weights or quant="nf4". An official file holds only adapters: give the
     base weights; the rest is the official pipeline's (MMA at the width's tau, 4th CLIP blocks, ImageNet, QCM-ALE)."""
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "config" in ckpt:
