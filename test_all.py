@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import runpy
 import shutil
 import signal
@@ -22,7 +23,9 @@ import time
 import warnings
 from argparse import Namespace
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
 import bench
 import data
 import evaluate
@@ -39,17 +43,15 @@ import train
 from adapters import (DYN_MAP, DYN_MIDPOINTS, NF4_LEVELS, NF4_THRESHOLDS, AdapterArgs, LoRALinear, MMAdapter, NF4Linear,
                       NF4Weight, convert_official_lavin, dynamic_codes, load_trainable, nf4_nbytes, quantize_llama_,
                       quantize_nf4, trainable_state_dict)
-from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VISION_PRESETS, VisionArgs, VisionTransformer,
-                      convert_openai_state_dict, load_clip, load_image, preprocess, to_openai_state_dict)
+from bench import param_table
+from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SAFETENSORS_DTYPES, VISION_PRESETS, SafeTensors,
+                      VisionArgs, VisionTransformer, convert_openai_state_dict, load_clip, load_image, preprocess,
+                      save_safetensors, to_openai_state_dict)
+from evaluate import PackedLinear
 from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params,
                    load_checkpoint, load_llama, rope_tables, save_checkpoint)
-from bench import param_table
-from evaluate import PackedLinear
 from router import FactorRouter, default_tau
 from train import wrap_model
-import re
-from dataclasses import replace
-from clip_vit import SAFETENSORS_DTYPES, SafeTensors, save_safetensors
 
 
 # =====================================================================================================================
@@ -2379,7 +2381,7 @@ def test_flop_model_matches_worked_example():
 def test_length_distribution():
     lens = bench.sample_lengths(20_000, np.random.default_rng(0))
     assert lens.max() <= 512  # truncated like the official loader
-    assert abs(np.median(lens) - bench.SCIENCEQA_TRAIN_LENGTH_PERCENTILES[50]) <= 3
+    assert abs(np.median(lens) - data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES[50]) <= 3
 
 
 def test_unknown_flag_is_an_error():
