@@ -569,7 +569,7 @@ def print_generation(args, rows: list[dict]):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Part 5, a 4-bit base (QLoRA, LaVIN-lite): the frozen bytes at the real shapes, and the measured cost on this device
+# Part 5, a 4-bit base (QLoRA, LaVIN-lite): the frozen bytes at the real shapes, and its measured step beside
 
 NF4_ANCHORS = ("LaVIN-7B-lite trains in 9 GB and LaVIN-13B-lite in 14-15 GB on one GPU (official README); torchtune's "
                "Llama-2-7B QLoRA peaks at 9.29 GB against 15.57 GB for LoRA")
@@ -768,75 +768,6 @@ def compare(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128) -> dict:
             "loss_gap": gap, "rows": rows}
 
 
-def main(argv=None) -> dict:
-    args = get_args(argv)
-    if args.load_memory:
-        return {"load_memory": load_memory()}
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.compare:
-        return compare(args)
-    torch.manual_seed(args.seed)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
-    amp = torch.autocast(args.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    peak, peak_src = device_peak(args)
-    dev_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
-    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); "
-          f"peak: {si(peak, 'FLOP/s')} [{peak_src}]; torch {torch.__version__}")
-    result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
-              "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
-
-    print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
-    result["params"] = param_table()
-    table(["model", "method", "trainable", "share", "ckpt (fp32)", "paper"],
-          [[r["model"], r["method"], f"{r['trainable']:,}", f"{r['share_%']:.3f}%", f"{r['ckpt_MB']:.1f} MB",
-            f"{r['paper']:,}" if r["paper"] else "-"] for r in result["params"]], left=2)
-    exact = {r["model"]: r["trainable"] == r["paper"] for r in result["params"] if r["paper"]}
-    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if all(exact.values()) else 'NO'}. Paper "
-          f"(Table 6): " + "; ".join(f"{s}: {c['trainable'] / 1e6:.1f}M params, {c['ckpt_mb']} MB checkpoint"
-                                     for s, c in PAPER.items()))
-
-    # Parts 2-4: the same batch for every method, drawn once from ScienceQA's lengths
-    lengths = sample_lengths(args.batch_size, np.random.default_rng(args.seed))  # (B,) real lengths, <= 512
-    vis = VISION_PRESETS[args.vision]
-    batch = make_batch(lengths, MAX_SEQ_LEN if args.seq == "pad512" else None, LLAMA_PRESETS[args.model].vocab_size,
-                       vis.image_size, vis.n_tokens, args.device, torch.Generator().manual_seed(args.seed))
-    T = batch["tokens"].shape[1] + 1  # counts the modality token
-    result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": int(batch["has_image"].sum())}
-    result["train"] = []
-    # --quant nf4: every adapter method again on a 4-bit base (full fine-tuning cannot train one)
-    runs = [(m, q) for q in ([None, "nf4"] if args.quant else [None]) for m in args.methods if not (q and m == "full")]
-    for method, quant in runs:
-        try:
-            result["train"].append(bench_method(method, quant, args, amp, dtype, batch, int(lengths.sum()), peak))
-        except torch.cuda.OutOfMemoryError as e:  # e.g. full fine-tuning of 13B on one 80 GB GPU: report, go on
-            error = f"out of memory: {str(e).splitlines()[0]}"
-            result["train"].append({"method": method, "quant": quant, "error": error})
-        gc.collect()  # the failed or finished model goes before the next is built
-        if args.device.type == "cuda":
-            torch.cuda.empty_cache()
-    result["paper_check"] = paper_check(args.seed)  # analytic: 7B/13B on the paper's 8 A100s, whatever this device
-    sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
-    result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),
-                                "truncated_%": 100 * float((sqa >= MAX_SEQ_LEN).mean())}
-    rows = [r for r in result["train"] if "error" not in r]
-    print_train(result, args, rows, T)
-    print_extrapolation(result, args, rows)
-    print_generation(args, rows)
-
-    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
-    print_nf4(result, args)
-
-    for r in result["train"]:
-        r.pop("flop_model", None)  # printed above; the JSON keeps the totals
-    text = json.dumps(result)
-    print("\n== JSON ==\n" + text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return result
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Peak host memory of loading a Hugging Face checkpoint: python bench.py --load_memory (on its own; Linux)
 
@@ -906,6 +837,83 @@ def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[d
               f"{r['rss_after_load_GB']:.2f} GB resident after load_llama: peak {r['peak_rss_GB']:.2f} GB = "
               f"{r['peak_over_one_copy']:.2f} x one copy")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+def measure_rows(args, amp, dtype, batch: dict, useful_tokens: int, peak) -> list[dict]:
+    """Parts 2-4 for each method, and with --quant nf4 for each adapter method again on a 4-bit base (full fine-tuning
+    cannot train one). A method that runs out of memory is reported as such, and the others go on."""
+    rows = []
+    for quant in [None, "nf4"] if args.quant else [None]:
+        for method in [m for m in args.methods if not (quant and m == "full")]:
+            try:
+                rows.append(bench_method(method, quant, args, amp, dtype, batch, useful_tokens, peak))
+            except torch.cuda.OutOfMemoryError as e:  # e.g. full fine-tuning of 13B on one 80 GB GPU
+                rows.append({"method": method, "quant": quant, "error": f"out of memory: {str(e).splitlines()[0]}"})
+            gc.collect()  # the failed or finished model goes before the next is built
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = get_args(argv)
+    if args.load_memory:
+        return {"load_memory": load_memory()}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compare:
+        return compare(args)
+    torch.manual_seed(args.seed)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
+    amp = torch.autocast(args.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    peak, peak_src = device_peak(args)
+    dev_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); "
+          f"peak: {si(peak, 'FLOP/s')} [{peak_src}]; torch {torch.__version__}")
+    result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
+              "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
+
+    print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
+    result["params"] = param_table()
+    table(["model", "method", "trainable", "share", "ckpt (fp32)", "paper"],
+          [[r["model"], r["method"], f"{r['trainable']:,}", f"{r['share_%']:.3f}%", f"{r['ckpt_MB']:.1f} MB",
+            f"{r['paper']:,}" if r["paper"] else "-"] for r in result["params"]], left=2)
+    exact = {r["model"]: r["trainable"] == r["paper"] for r in result["params"] if r["paper"]}
+    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if all(exact.values()) else 'NO'}. Paper "
+          f"(Table 6): " + "; ".join(f"{s}: {c['trainable'] / 1e6:.1f}M params, {c['ckpt_mb']} MB checkpoint"
+                                     for s, c in PAPER.items()))
+
+    # Parts 2-4: the same batch for every method, drawn once from ScienceQA's lengths
+    lengths = sample_lengths(args.batch_size, np.random.default_rng(args.seed))  # (B,) real lengths, <= 512
+    vis = VISION_PRESETS[args.vision]
+    batch = make_batch(lengths, MAX_SEQ_LEN if args.seq == "pad512" else None, LLAMA_PRESETS[args.model].vocab_size,
+                       vis.image_size, vis.n_tokens, args.device, torch.Generator().manual_seed(args.seed))
+    T = batch["tokens"].shape[1] + 1  # counts the modality token
+    result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": int(batch["has_image"].sum())}
+    result["train"] = measure_rows(args, amp, dtype, batch, int(lengths.sum()), peak)
+    result["paper_check"] = paper_check(args.seed)  # analytic: 7B/13B on the paper's 8 A100s, whatever this device
+    sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
+    result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),
+                                "truncated_%": 100 * float((sqa >= MAX_SEQ_LEN).mean())}
+    rows = [r for r in result["train"] if "error" not in r]
+    print_train(result, args, rows, T)
+    print_extrapolation(result, args, rows)
+    print_generation(args, rows)
+
+    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
+    print_nf4(result, args)
+
+    for r in result["train"]:
+        r.pop("flop_model", None)  # printed above; the JSON keeps the totals
+    text = json.dumps(result)
+    print("\n== JSON ==\n" + text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return result
 
 
 if __name__ == "__main__":
