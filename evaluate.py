@@ -62,6 +62,14 @@ def setup_distributed():
     return rank, local_rank, world, device
 
 
+def teardown_distributed():
+    """Leave together: a barrier, then destroy the group. A rank that destroys its connections while a peer still
+    works (rank 0 printing, saving) can hang the exit now and then (pytorch/pytorch#75097)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # =====================================================================================================================
 # User errors: every script checks its flags before any work, and reports a mistake in one line (train.py, sample.py
 # and bench.py use these too)
@@ -625,8 +633,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, _, model, tok, info = inference_setup(args)
     run(args, rank, world, model, tok, info)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import data
 from evaluate import (UserError, add_eval_flags, add_model_flags, cli, for_modality, generate, inference_context,
-                      inference_setup, prompt_budget, run)
+                      inference_setup, prompt_budget, run, teardown_distributed)
 from model import LaVIN
 
 
@@ -240,8 +239,7 @@ def main(argv=None):
     else:
         chat(model, tok, info, Sampling(args.temperature, args.top_p, args.max_new_tokens), not args.no_merge,
              args.seed, args.image)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

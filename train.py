@@ -29,6 +29,7 @@ import json
 import os
 import random
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +45,7 @@ import data
 import quiz
 from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
 from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
-                      setup_distributed)
+                      setup_distributed, teardown_distributed)
 from model import IGNORE, LaVIN, count_params, load_checkpoint, load_lavin, save_checkpoint, warmup_cosine
 from router import default_tau
 
@@ -311,9 +312,13 @@ def wrap_model(model: LaVIN, args, device, world: int):
         return model
     # Frozen parameters get no gradient buckets, so DDP communicates the adapters only. Every trainable parameter gets
     # a gradient every step (LaVIN.visual_touch covers image-free micro-batches), so no find_unused_parameters. No
-    # buffer changes during training, so none is re-broadcast every forward (for a 4-bit base: the whole base).
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+    # buffer changes and every rank loads the same weights, so none is broadcast, neither at wrapping nor every forward
+    # (for a 4-bit base: the whole base). Its successor forward_sync_buffers=False would still broadcast at wrapping,
+    # so torch (2.13) itself advises broadcast_buffers=False for this case, and its deprecation warning is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   broadcast_buffers=False)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -602,8 +607,7 @@ def train(args):
         log.close()
     if master and train_set.skipped:
         print(skipped_note(train_set))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
     return raw
 
 
