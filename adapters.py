@@ -20,7 +20,7 @@ freeze everything else, save and load them, and fold them away for inference.
   `convert_official_lavin`: one `method` value picks MMA (default), LoRA, MixLoRA or full fine-tuning.
 
 model.py calls these when it assembles LaVIN; train.py / sample.py / bench.py reach them through model.py.
-Tests: `python -m pytest test_all.py -k "adapter or lora or merge or official or nf4"`.
+Tests: `python -m pytest -q test_all.py -k test_adapters_`.
 """
 
 import math
@@ -96,7 +96,7 @@ NF4_LEVELS = _fp32("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba78
 NF4_THRESHOLDS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) * 0.5  # (15,) fp32, the literals of bnb's CUDA dQuantizeNF4
 # The positive half of bnb's create_dynamic_map(signed=True): 10^(i-6) times the midpoints of torch's fp32
 # linspace(0.1, 1, 2^i + 1), i = 0..6. Hardcoded, so the format does not hang on torch's linspace algorithm (a float64
-# evaluation differs in 72 values); test_nf4_tables rebuilds it the way bnb does.
+# evaluation differs in 72 values); test_adapters_nf4_tables rebuilds it the way bnb does.
 _DYN_POS = _fp32(
     "3513a3b7 365a1a94 370205ff 37b24206 38378034 388aefb3 38ba1f4b 3923d70b 398ce705 39c7e283 3a016f01 3a1eecc1 "
     "3a3c6a80 3a59e83e 3a7765ff 3aa7ef9d 3af1a9fc 3b1db22d 3b428f5c 3b676c8a 3b8624dd 3b989374 3bab020d 3bbd70a4 "

@@ -37,7 +37,7 @@ the method cannot avoid (a frozen base counted as 6N would inflate it about 1.5x
 reports bandwidth (weight bytes read per second), not MFU. The extrapolation holds the measured FLOP/s at every length,
 scales perfectly across --gpus devices and loads no data; for the tiny CPU model it describes that toy, not LaVIN-7B.
 
-Tests: python -m pytest -q test_all.py -k bench
+Tests: python -m pytest -q test_all.py -k test_bench_
 """
 
 import argparse

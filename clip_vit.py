@@ -20,7 +20,7 @@ Deliberate departures from the official code
   (any value >= 255 becomes white). ScienceQA images are 8-bit, so this changes nothing there.
 
 Used by model.py (LaVIN wraps VisionTransformer) and data.py (preprocessing); tests:
-    python -m pytest test_all.py -k clip
+    python -m pytest -q test_all.py -k test_clip_
 """
 
 import json

@@ -17,7 +17,7 @@ official evaluation samples with. Also home to what every entry point shares: th
 flags and the one-line report of user errors (`cli`), and loading a trained model for inference (train.py evaluates
 through `evaluate`, sample.py loads through `load_for_inference`).
 
-Tests: `python -m pytest -q test_all.py -k evaluate`.
+Tests: `python -m pytest -q test_all.py -k test_evaluate_`.
 """
 
 import argparse

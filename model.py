@@ -18,7 +18,7 @@ CLIP's class token after every 4th block, through a small neck. Only the adapter
 and checkpoints, the one place every script gets a model from.
 
 Used by `python train.py`, `python sample.py`, `python evaluate.py`, `python bench.py`; tests: `python -m pytest -q
-test_all.py -k model`.
+test_all.py -k test_model_`.
 """
 
 import argparse

@@ -16,7 +16,7 @@ One call gives what a real run passes as flags:
 Commands:
     python quiz.py          # generate ./quiz and its tokenizer, print an example and length statistics
     python train.py         # the quick start, which calls quick_start()
-    python -m pytest -q test_all.py -k quiz
+    python -m pytest -q test_all.py -k test_quiz_
 """
 
 import inspect

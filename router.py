@@ -19,7 +19,8 @@ A router looks at a summary of its input and decides how to mix a few parameter-
    Hard top-r has no gradient, so to let the routers learn we scale the chosen factors by their renormalised
    scores (README, difference 21); `mode="hard"` keeps the released code's dynamics.
 
-Used by adapters.py (MMAdapter, MixLoRALinear); tested in test_all.py (`-k router or mixlora`).
+Used by adapters.py (MMAdapter, MixLoRALinear); tests: `python -m pytest -q test_all.py -k "test_router_ or
+mixlora"`.
 """
 
 import math

@@ -19,7 +19,7 @@ positions and an early stop at EOS (README, differences 3 and 5); by default the
 q/k/v for the answer's modality (difference 6), so they cost nothing, `--no_merge` runs them as separate modules;
 greedy by default, `--temperature 0.1 --top_p 0.75` is what the official demo samples with.
 
-Tests: `python -m pytest -q test_all.py -k sample`.
+Tests: `python -m pytest -q test_all.py -k test_sample_`.
 """
 
 import argparse

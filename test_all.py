@@ -4,7 +4,7 @@ messages) and never timings; speed lives in bench.py. Tests that read the real S
 checkpoints in ../shared skip cleanly where that folder is absent.
 
     python -m pytest -q test_all.py                 # everything (what CI runs)
-    python -m pytest -q test_all.py -k "clip"       # one part
+    python -m pytest -q test_all.py -k test_clip_   # one file's tests: test_<file>_ (test_robust_: errors)
 """
 import dataclasses
 import errno
@@ -313,7 +313,7 @@ def _ref_clip():
     return ref
 
 
-def test_parity_with_openai_reference(tmp_path):
+def test_clip_parity_with_openai_reference(tmp_path):
     ref = _ref_clip()
     images = torch.randn(3, 3, 32, 32)
     # both formats: a plain state dict (wrapped, with a Python scalar like OpenAI's) and a TorchScript archive
@@ -342,7 +342,7 @@ def test_parity_with_openai_reference(tmp_path):
         torch.testing.assert_close(feats, want_feats, atol=1e-5, rtol=1e-5)
 
 
-def test_vit_l14_keys_and_shapes_match_openai():
+def test_clip_vit_l14_keys_and_shapes_match_openai():
     # On the meta device: no memory, no compute. Every OpenAI ViT-L/14 tensor has a counterpart of the same shape.
     with torch.device("meta"):
         ref = RefVisionTransformer(224, 14, 1024, 24, 16, 768)
@@ -353,7 +353,7 @@ def test_vit_l14_keys_and_shapes_match_openai():
 
 
 @pytest.mark.parametrize("layers,n_tokens", [(8, 2), (12, 3), (24, 6)])
-def test_visual_tokens_follow_the_official_every_4th_block_rule(tmp_path, layers, n_tokens):
+def test_clip_visual_tokens_follow_the_official_every_4th_block_rule(tmp_path, layers, n_tokens):
     """Any CLIP tower loads; its visual tokens are the class token after blocks 4, 8, ... of a plain loop."""
     torch.manual_seed(layers)
     args = VisionArgs(image_size=32, patch_size=16, width=64, layers=layers, heads=1, output_dim=16)
@@ -373,7 +373,7 @@ def test_visual_tokens_follow_the_official_every_4th_block_rule(tmp_path, layers
     torch.testing.assert_close(got, torch.stack(want, dim=1), rtol=0, atol=0)
 
 
-def test_tiny_preset_shapes():
+def test_clip_tiny_preset_shapes():
     torch.manual_seed(0)
     model = VisionTransformer(VISION_PRESETS["tiny"])
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # any float dtype is accepted
@@ -415,7 +415,7 @@ def _routing_case(make_adapter):
     return plain, alone, in_batch
 
 
-def test_per_image_routing_stub():
+def test_clip_per_image_routing_stub():
     plain, alone, in_batch = _routing_case(StubAdapter)
     assert not torch.allclose(plain, alone, atol=1e-3)  # the adapters do act
     assert torch.allclose(alone, in_batch, atol=1e-6)
@@ -424,7 +424,7 @@ def test_per_image_routing_stub():
     assert not torch.allclose(alone, in_batch, atol=1e-3)
 
 
-def test_per_image_routing_mmadapter():
+def test_clip_per_image_routing_mmadapter():
     adapters = pytest.importorskip("adapters")
 
     def make(width):
@@ -449,7 +449,7 @@ def _expected(rgb, mean, std):
     return (c - torch.tensor(mean)) / torch.tensor(std)  # (3,)
 
 
-def test_preprocess_all_modes():
+def test_clip_preprocess_all_modes():
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     grey16 = rng.integers(0, 65536, (30, 40))
@@ -469,7 +469,7 @@ def test_preprocess_all_modes():
     assert torch.equal(out["I;16"], out["I"]) and torch.equal(out["I;16"], out["F"])
 
 
-def test_preprocess_uniform_pixel_values():
+def test_clip_preprocess_uniform_pixel_values():
     img = Image.new("RGB", (50, 30), (10, 128, 250))  # non-square on purpose
     for norm, mean, std in (("imagenet", IMAGENET_MEAN, IMAGENET_STD), ("clip", CLIP_MEAN, CLIP_STD)):
         x = preprocess(img, norm=norm)
@@ -483,7 +483,7 @@ def test_preprocess_uniform_pixel_values():
         preprocess(img, norm="openai")
 
 
-def test_preprocess_geometry_squash_vs_crop():
+def test_clip_preprocess_geometry_squash_vs_crop():
     # 300 x 100: three 100-px vertical bands, red | green | blue
     arr = np.zeros((100, 300, 3), dtype=np.uint8)
     arr[:, :100, 0] = arr[:, 100:200, 1] = arr[:, 200:, 2] = 255
@@ -498,7 +498,7 @@ def test_preprocess_geometry_squash_vs_crop():
     torch.testing.assert_close(crop[:, 10, 5], green, atol=0.05, rtol=0)  # only a bicubic ring at the band edge
 
 
-def test_preprocess_is_pil_bicubic_squash():
+def test_clip_preprocess_is_pil_bicubic_squash():
     # The official transform is torchvision Resize((224, 224), BICUBIC) on a PIL image, i.e. PIL's bicubic resize
     # to exactly 224 x 224 whatever the aspect ratio; then ToTensor and Normalize (official
     # util/datasets.py).
@@ -508,7 +508,7 @@ def test_preprocess_is_pil_bicubic_squash():
     torch.testing.assert_close(preprocess(img), ref.permute(2, 0, 1), atol=1e-6, rtol=0)
 
 
-def test_16bit_full_range(tmp_path):
+def test_clip_16bit_full_range(tmp_path):
     for v16, v8 in ((65535, 255), (255, 1), (32896, 128)):  # scaled by 257, not clipped at 255
         img = Image.fromarray(np.full((20, 20), v16, dtype=np.uint16))
         torch.testing.assert_close(preprocess(img)[:, 0, 0], _expected((v8,) * 3, IMAGENET_MEAN, IMAGENET_STD),
@@ -518,7 +518,7 @@ def test_16bit_full_range(tmp_path):
     assert img.mode == "RGB" and img.getpixel((3, 3)) == (255, 255, 255)
 
 
-def test_scienceqa_images():
+def test_clip_scienceqa_images():
     paths = sorted((Path(__file__).resolve().parent.parent / "shared" / "data" / "scienceqa" / "images" / "test")
                    .glob("*/image.png"))[:4]
     if not paths:
@@ -534,7 +534,7 @@ def test_scienceqa_images():
 # Errors
 
 
-def test_image_errors(tmp_path):
+def test_clip_image_errors(tmp_path):
     missing = tmp_path / "nope.png"
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_image(missing)
@@ -549,7 +549,7 @@ def test_image_errors(tmp_path):
         load_image(tmp_path / "cut.png")
 
 
-def test_load_clip_errors(tmp_path):
+def test_clip_load_clip_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)missing\.pt.*ViT-L-14\.pt.*b8cca3fd"):
         load_clip(tmp_path / "missing.pt")
     sd = _ref_clip().state_dict()
@@ -570,7 +570,7 @@ def test_load_clip_errors(tmp_path):
         load_clip(tmp_path / "junk.pt")
 
 
-def test_openai_key_round_trip(tmp_path):
+def test_clip_openai_key_round_trip(tmp_path):
     model = VisionTransformer(VISION_PRESETS["tiny"])
     sd = model.state_dict()
     openai = to_openai_state_dict(sd)
@@ -590,7 +590,7 @@ def _raw_safetensors(path, header: dict, data: bytes, n=None):
     return path
 
 
-def test_safetensors_round_trip_every_dtype(tmp_path):
+def test_clip_safetensors_round_trip_every_dtype(tmp_path):
     gen = torch.Generator().manual_seed(0)
     tensors = {f"t_{name}": torch.randint(0, 256, (3, 4 * dt.itemsize), dtype=torch.uint8, generator=gen).view(dt)
                for name, dt in SAFETENSORS_DTYPES.items() if dt != torch.bool}  # random bit patterns, NaNs included
@@ -609,7 +609,7 @@ def test_safetensors_round_trip_every_dtype(tmp_path):
     assert n % 8 == 0 and all(f._entries[k][2] % f[k].element_size() == 0 for k in f)
 
 
-def test_safetensors_errors_name_file_and_entry(tmp_path):
+def test_clip_safetensors_errors_name_file_and_entry(tmp_path):
     save_safetensors({"a": torch.ones(4, 4), "b": torch.ones(3)}, tmp_path / "ok.safetensors")
     data = (tmp_path / "ok.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-5])
@@ -670,7 +670,7 @@ def to_hf_clip(openai: dict, text_tower=True) -> dict:
     return hf
 
 
-def test_hf_clip_folder_and_file_equal_openai_layout(tmp_path, monkeypatch):
+def test_clip_hf_clip_folder_and_file_equal_openai_layout(tmp_path, monkeypatch):
     ref = _ref_clip()
     torch.save(ref.state_dict(), tmp_path / "openai.pt")
     hf_dir = tmp_path / "clip-vit-hf"
@@ -700,7 +700,7 @@ def test_hf_clip_folder_and_file_equal_openai_layout(tmp_path, monkeypatch):
 # adapters.py: MM-Adapter, LoRA, MixLoRA, NF4 / QLoRA
 # =====================================================================================================================
 
-def test_mm_adapter_param_count_and_identity():
+def test_adapters_mm_adapter_param_count_and_identity():
     ad = MMAdapter(64)
     # conv_A 8 x 64 + 8, conv_B and conv_D 2 x (4 x 64 + 64), the router 2 x 64 + 2 (official lavin/mm_adapter.py)
     assert sum(p.numel() for p in ad.parameters()) == 20 * 64 + 10
@@ -709,7 +709,7 @@ def test_mm_adapter_param_count_and_identity():
 
 
 @pytest.mark.parametrize("method", ["mma", "lora", "mixlora", "full"])
-def test_fresh_adapters_keep_llama_logits(method):
+def test_adapters_fresh_adapters_keep_llama_logits(method):
     """Freshly injected adapters (any method): LaVIN's text-only logits on the text positions equal plain LLaMA's."""
     model = tiny_lavin(method, noise=0).eval()
     tokens = torch.randint(3, 64, (2, 10))
@@ -724,7 +724,7 @@ def test_fresh_adapters_keep_llama_logits(method):
 
 
 @pytest.mark.parametrize("method", ["mma", "lora"])
-def test_merged_equals_unmerged(method):
+def test_adapters_merged_equals_unmerged(method):
     model = tiny_lavin(method).eval()
     tokens, has_image, vis_mask, images, _ = make_batch()
     with torch.no_grad():
@@ -740,7 +740,7 @@ def test_merged_equals_unmerged(method):
 
 
 @pytest.mark.parametrize("mode,router_grad", [("weighted", True), ("hard", False)])
-def test_mixlora_router_gradients(mode, router_grad):
+def test_adapters_mixlora_router_gradients(mode, router_grad):
     model = tiny_lavin("mixlora", mix_mode=mode).train()
     tokens, has_image, vis_mask, images, labels = make_batch()
     model(tokens, has_image, vis_mask, images, labels=labels).backward()
@@ -752,7 +752,7 @@ def test_mixlora_router_gradients(mode, router_grad):
         assert all(not p.requires_grad and p.grad is None for p in routers)
 
 
-def test_mixlora_uniform_scores_reproduce_unweighted_update():
+def test_adapters_mixlora_uniform_scores_reproduce_unweighted_update():
     fr = FactorRouter(8, pool=6, rank=3, cfs="dot", mode="weighted")
     with torch.no_grad():
         fr.route_a.weight.zero_()
@@ -773,7 +773,7 @@ def _scales(q) -> torch.Tensor:
     return DYN_MAP[q.absmax.long()] * q.nested_absmax.repeat_interleave(256)[:len(q.absmax)] + q.nested_offset
 
 
-def test_nf4_tables():
+def test_adapters_nf4_tables():
     assert torch.equal(NF4_THRESHOLDS, _hex("bf591cd8 bf1c5270 beeb8480 beadea76 be703cec be0d38bc bd3a7871 3d22faff "
                                             "3df64862 3e5067e0 3e9582d4 3ec753f9 3f006d04 3f248daf 3f5c89da"))
     # bnb's create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), every step in fp32
@@ -789,7 +789,7 @@ def test_nf4_tables():
     assert dynamic_codes(y).tolist() == [126, 128, 128, 0, 255]  # exact ties go to the even index
 
 
-def test_nf4_golden_codes_and_values():
+def test_adapters_nf4_golden_codes_and_values():
     """Hand-computed: block absmax 1 (so x·(1/absmax) = x exactly), values on every threshold (a tie takes the lower
     code) and one ulp above; a block of absmax 2; a partial, odd-length last block of absmax 3."""
     up = torch.nextafter(NF4_THRESHOLDS, torch.tensor(2.0))
@@ -821,7 +821,7 @@ def test_nf4_golden_codes_and_values():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 64), (96, 160), (300, 70), (7, 33), (1000,), (2, 3, 100), (129, 256)])
-def test_nf4_round_trip(shape, dtype):
+def test_adapters_nf4_round_trip(shape, dtype):
     """|Ŵ - W| ≤ half the widest level gap × the block's absmax, plus |â - absmax| with double quantization;
     bf16 is quantized as its exact fp32 widening and dequantizes with one rounding of the fp32 result."""
     torch.manual_seed(0)
@@ -840,7 +840,7 @@ def test_nf4_round_trip(shape, dtype):
         assert q.nbytes == sum(t.numel() * t.element_size() for t in q.state_dict().values())
 
 
-def test_nf4_zeros_stay_zero():
+def test_adapters_nf4_zeros_stay_zero():
     torch.manual_seed(0)
     w = torch.randn(5 * 64 + 10)
     w[::7] = 0
@@ -852,7 +852,7 @@ def test_nf4_zeros_stay_zero():
         assert (quantize_nf4(torch.zeros(3, 50), double_quant=dq).dequantize() == 0).all()
 
 
-def test_nf4_size():
+def test_adapters_nf4_size():
     for dq, bits in ((True, 4 + 8 / 64 + 32 / (64 * 256)), (False, 4.5)):
         q = quantize_nf4(torch.randn(4096, 4096), double_quant=dq)
         assert abs(8 * q.nbytes / 4096 ** 2 - bits) < 1e-5  # ≈ 4.127 and 4.5 (+ the 4-byte offset)
@@ -861,7 +861,7 @@ def test_nf4_size():
     assert nf4_nbytes(lin.weight.shape) == 11008 * 4096 // 2 + 11008 * 64 + 4 * 11008 * 64 // 256 + 4
 
 
-def test_nf4_linear_forward_backward():
+def test_adapters_nf4_linear_forward_backward():
     torch.manual_seed(0)
     lin = NF4Linear.from_linear(nn.Linear(70, 33, bias=False))
     assert list(lin.parameters()) == [] and sorted(lin.state_dict()) == [
@@ -889,7 +889,7 @@ def _frozen_weights(model):
 
 
 @pytest.mark.parametrize("method", ["lora", "mma"])
-def test_qlora_and_lite_train(method):
+def test_adapters_qlora_and_lite_train(method):
     """QLoRA (LoRA on NF4) and LaVIN-lite (MMA on NF4) train with a falling loss; checkpoints and requires_grad are
     exactly those of the full-precision model, the 4-bit base never changes."""
     model = tiny_lavin(method)
@@ -915,7 +915,7 @@ def test_qlora_and_lite_train(method):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
 
 
-def test_quantize_before_or_after_injection():
+def test_adapters_quantize_before_or_after_injection():
     """Quantizing the loaded base before LaVIN injects LoRA (the load path) equals quantizing a built model."""
     after = tiny_lavin("lora", noise=0)
     llama = Transformer(after.llama.args)
@@ -995,18 +995,18 @@ def _nf4_worker(rank, world):
             assert torch.equal(packed, ref_model.llama.layers[0].attention.wq.weight.packed)
 
 
-def test_nf4_under_ddp_and_fsdp2():
+def test_adapters_nf4_under_ddp_and_fsdp2():
     spawn(_nf4_worker)
 
 
-def test_fused_lora_equals_its_formula_and_plain_causal_skips_the_mask():
+def test_adapters_fused_lora_equals_its_formula_and_plain_causal_skips_the_mask():
     lin = LoRALinear(nn.Linear(8, 6, bias=False), rank=2, alpha=4.0, dropout=0.0)
     nn.init.normal_(lin.lora_B)
     x = torch.randn(3, 5, 8)
     ref = x @ lin.weight.T + 2.0 * (x @ lin.lora_A.T) @ lin.lora_B.T
     torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
     llama = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=20, multiple_of=16))
-    assert llama.tables(2, 0, 5)[2] is None  # -> SDPA's is_causal (parity: test_llama_matches_meta_reference)
+    assert llama.tables(2, 0, 5)[2] is None  # -> SDPA's is_causal (parity: test_model_llama_matches_meta_reference)
     assert llama.tables(2, 0, 5, mask_first=True)[2].shape == (2, 1, 5, 5)
 
 
@@ -1054,7 +1054,7 @@ def meta_reference_logits(sd: dict, args: ModelArgs, tokens: torch.Tensor) -> to
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_llama_matches_meta_reference(n_kv_heads):
+def test_model_llama_matches_meta_reference(n_kv_heads):
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, multiple_of=16)
     model = Transformer(args).eval()
@@ -1065,7 +1065,7 @@ def test_llama_matches_meta_reference(n_kv_heads):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_rope_equals_complex_reference():
+def test_model_rope_equals_complex_reference():
     D, T = 16, 9
     cos, sin = rope_tables(D, T, 10000.0)
     x = torch.randn(2, T, 3, D)
@@ -1075,7 +1075,7 @@ def test_rope_equals_complex_reference():
     torch.testing.assert_close(apply_rope(x, cos[None], sin[None]), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_kv_cache_equals_full_recompute():
+def test_model_kv_cache_equals_full_recompute():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)).eval()
     tokens = torch.randint(0, 50, (2, 12))
@@ -1087,19 +1087,19 @@ def test_kv_cache_equals_full_recompute():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_ffn_width_rule():
+def test_model_ffn_width_rule():
     assert LLAMA_PRESETS["7B"].ffn_dim == 11008 and LLAMA_PRESETS["13B"].ffn_dim == 13824
     assert ModelArgs(dim=64, multiple_of=4).ffn_dim == 172  # stories260K's hidden_dim
 
 
-def test_meta_device_build_costs_nothing():
+def test_model_meta_device_build_costs_nothing():
     with torch.device("meta"):
         model = Transformer(LLAMA_PRESETS["13B"])
     assert sum(p.numel() for p in model.parameters()) == 13_015_864_320  # LLaMA-13B
     assert all(p.is_meta for p in model.parameters())
 
 
-def test_shard_merge(tmp_path):
+def test_model_shard_merge(tmp_path):
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=16)
     sd = Transformer(args).state_dict()
@@ -1112,7 +1112,7 @@ def test_shard_merge(tmp_path):
         assert torch.equal(v, b.state_dict()[k]), k
 
 
-def test_load_llama_errors(tmp_path):
+def test_model_load_llama_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="params.json"):
         load_llama(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": -1}))
@@ -1126,7 +1126,7 @@ def test_load_llama_errors(tmp_path):
 
 
 @needs_shared
-def test_real_checkpoint_generates_fluent_text():
+def test_model_real_checkpoint_generates_fluent_text():
     model = load_llama(SHARED / "models" / "stories260K").eval()
     tok = data.Tokenizer(SHARED / "models" / "stories260K" / "tokenizer.model")
     ids = tok.encode("Once upon a time", bos=True, eos=False)
@@ -1142,13 +1142,13 @@ def test_real_checkpoint_generates_fluent_text():
 # ---------------------------------------------------------------------------------------------------------------------
 # LaVIN
 
-def test_importing_model_leaves_data_and_quiz_alone():
+def test_model_importing_model_leaves_data_and_quiz_alone():
     code = ("import sys, model; bad = {'data', 'quiz', 'sentencepiece', 'PIL.ImageDraw'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent)
 
 
-def test_modality_token_hidden_from_other_positions():
+def test_model_modality_token_hidden_from_other_positions():
     """With no routers to read it (LoRA), the modality embedding cannot change any other position."""
     model = tiny_lavin("lora").eval()
     tokens, has_image, vis_mask, images, _ = make_batch()
@@ -1160,7 +1160,7 @@ def test_modality_token_hidden_from_other_positions():
     assert not torch.allclose(a[:, 0], b[:, 0])
 
 
-def test_gradients_reach_every_trainable_parameter():
+def test_model_gradients_reach_every_trainable_parameter():
     model = tiny_lavin("mma", noise=0).train()
     tokens, has_image, vis_mask, images, labels = make_batch()
     # At init the up-projections are zero, so conv_A (down), the routers and the modality embedding get exactly zero
@@ -1180,7 +1180,7 @@ def test_gradients_reach_every_trainable_parameter():
         assert (p.grad is not None and p.grad.abs().sum() > 0) if p.requires_grad else p.grad is None, name
 
 
-def test_text_only_batch_still_touches_visual_parameters():
+def test_model_text_only_batch_still_touches_visual_parameters():
     model = tiny_lavin("mma").train()
     tokens, has_image, _, _, labels = make_batch()
     model(tokens[:1], has_image[:1], None, None, labels=labels[:1]).backward()
@@ -1204,7 +1204,7 @@ def official_state_dict(model: LaVIN) -> dict:
     return out
 
 
-def test_official_checkpoint_loads():
+def test_model_official_checkpoint_loads():
     src = tiny_lavin("mma")
     sd = official_state_dict(src)
     assert sd["module.layers.0.adapter_attn.conv_A.weight"].shape == (8, 128, 1)
@@ -1227,7 +1227,7 @@ def test_official_checkpoint_loads():
         "adapter_modality_embedding.weight"}
 
 
-def test_checkpoint_round_trip():
+def test_model_checkpoint_round_trip():
     a, b = tiny_lavin("mma"), tiny_lavin("mma", noise=0)
     load_trainable(b, trainable_state_dict(a))
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -1309,7 +1309,7 @@ def _random_llama(n_kv_heads=None, dtype=torch.float32, tied=False, seed=0):
     (2, torch.float32, True, 1, "safetensors", None),
     (None, torch.float16, False, 2, "bin", None),  # the older pytorch_model-*.bin shards
 ])
-def test_hf_llama_equals_meta_layout(tmp_path, n_kv_heads, dtype, tied, shards, fmt, config):
+def test_model_hf_llama_equals_meta_layout(tmp_path, n_kv_heads, dtype, tied, shards, fmt, config):
     args, sd, params = _random_llama(n_kv_heads, dtype, tied)
     save_meta_layout(tmp_path / "meta", sd, params)
     save_hf_llama(tmp_path / "hf", sd, args, shards, fmt, tied, config=config)
@@ -1326,7 +1326,7 @@ def test_hf_llama_equals_meta_layout(tmp_path, n_kv_heads, dtype, tied, shards, 
         assert torch.equal(a(tokens), b(tokens))
 
 
-def test_hf_llama_permutation_is_undone_with_the_kv_head_count(tmp_path):
+def test_model_hf_llama_permutation_is_undone_with_the_kv_head_count(tmp_path):
     args, sd, params = _random_llama(n_kv_heads=2)
     save_meta_layout(tmp_path / "meta", sd, params)
     # negative controls, which load without error: rows not permuted at all, or k permuted with the query head count
@@ -1342,7 +1342,7 @@ def test_hf_llama_permutation_is_undone_with_the_kv_head_count(tmp_path):
     assert hf_permute(torch.arange(8.0)[:, None], 1)[:, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
 
 
-def test_hf_llama_missing_shard_is_named(tmp_path):
+def test_model_hf_llama_missing_shard_is_named(tmp_path):
     args, sd, _ = _random_llama()
     save_hf_llama(tmp_path, sd, args, shards=3)
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
@@ -1351,7 +1351,7 @@ def test_hf_llama_missing_shard_is_named(tmp_path):
         load_llama(tmp_path)
 
 
-def test_hf_bf16_rope_tables_stay_fp32(tmp_path):
+def test_model_hf_bf16_rope_tables_stay_fp32(tmp_path):
     args, sd, params = _random_llama(dtype=torch.bfloat16)
     save_hf_llama(tmp_path / "hf", sd, args)
     save_meta_layout(tmp_path / "meta", sd, params)
@@ -1375,14 +1375,14 @@ def test_hf_bf16_rope_tables_stay_fp32(tmp_path):
     ({"attention_bias": True}, r"\{'attention_bias': True\}: not LLaMA's architecture"),
     ({"hidden_act": "gelu"}, r"\{'hidden_act': 'gelu'\}: not LLaMA's architecture"),
 ])
-def test_hf_llama_refusals(tmp_path, config, message):
+def test_model_hf_llama_refusals(tmp_path, config, message):
     args, sd, _ = _random_llama()
     save_hf_llama(tmp_path, sd, args, config=config)
     with pytest.raises(ValueError, match=message):
         load_llama(tmp_path)
 
 
-def test_hf_llama_refuses_tensors_llama_lacks(tmp_path):
+def test_model_hf_llama_refuses_tensors_llama_lacks(tmp_path):
     args, sd, _ = _random_llama()
     for name in ("model.layers.1.self_attn.q_proj.bias", "model.layers.0.self_attn.q_norm.weight"):  # Qwen2, Qwen3
         save_hf_llama(tmp_path / name, sd, args, extra={name: torch.zeros(64)})
@@ -1394,7 +1394,7 @@ def test_hf_llama_refuses_tensors_llama_lacks(tmp_path):
     assert load_llama(tmp_path / "inv_freq").args.n_layers == 3
 
 
-def test_meta_llama_refusals(tmp_path):
+def test_model_meta_llama_refusals(tmp_path):
     args, sd, params = _random_llama()
     save_meta_layout(tmp_path / "scaled", sd, dict(params, use_scaled_rope=True))
     with pytest.raises(ValueError, match=r"use_scaled_rope \(Llama-3\.1/3\.2\), a RoPE scaling this model does not"):
@@ -1406,7 +1406,7 @@ def test_meta_llama_refusals(tmp_path):
     assert load_llama(tmp_path / "plain").args.rope_theta == 1e6
 
 
-def test_label_only_head_equals_full_logits_loss():
+def test_model_label_only_head_equals_full_logits_loss():
     model = tiny_lavin("lora").eval()
     tokens, has_image, vis_mask, images, labels = make_batch()
     with torch.no_grad():
@@ -1466,7 +1466,7 @@ def _official_prompt(problem, fmt):
 
 
 @needs_sqa
-def test_build_prompt_matches_official_on_sample150():
+def test_data_build_prompt_matches_official_on_sample150():
     problems = json.loads((SQA / "problems_sample150.json").read_text())
     assert len(problems) == 150
     for pid, rec in problems.items():
@@ -1479,7 +1479,7 @@ def test_build_prompt_matches_official_on_sample150():
 
 
 @needs_sqa
-def test_build_prompt_golden_strings():
+def test_data_build_prompt_golden_strings():
     p = json.loads((SQA / "problems_sample150.json").read_text())
     # pid 1: lecture with newlines -> the two-character escape; empty hint -> N/A
     # (official util/base_prompt.py, get_context_text).
@@ -1517,7 +1517,7 @@ def test_build_prompt_golden_strings():
     )
 
 
-def test_build_prompt_fold_and_nulls():
+def test_data_build_prompt_fold_and_nulls():
     rec = dict(question="Pick   one.", choices=["x", "y", "z"], answer=2, hint="  Some  text \n", image=None,
                lecture=None, solution="Line 1\nLine 2")  # fmt: skip
     prompt, answer = data.build_prompt(rec)
@@ -1537,7 +1537,7 @@ def test_build_prompt_fold_and_nulls():
 
 @needs_llama
 @needs_sqa
-def test_llama_prefixes_and_label_boundary():
+def test_data_llama_prefixes_and_label_boundary():
     tok = data.Tokenizer(LLAMA_TOK)
     assert tok.encode(data.IMAGE_PREFIX, bos=False, eos=False) == [7084, 29901, 29871]
     assert tok.encode(data.TEXT_PREFIX, bos=False, eos=False) == [7084, 29901, 405, 29914, 29909]
@@ -1561,7 +1561,7 @@ def test_llama_prefixes_and_label_boundary():
 
 @needs_llama
 @needs_sqa
-def test_scienceqa_test_split_prompts_lengths_and_images(tmp_path):
+def test_data_scienceqa_test_split_prompts_lengths_and_images(tmp_path):
     tok = data.Tokenizer(LLAMA_TOK)
     test = json.loads((SQA / "problems_test_reconstructed.json").read_text())
     full = json.loads((SQA / "problems_sample150.json").read_text())
@@ -1590,7 +1590,7 @@ def test_scienceqa_test_split_prompts_lengths_and_images(tmp_path):
 
 @needs_llama
 @needs_sqa
-def test_scienceqa_length_percentiles():
+def test_data_scienceqa_length_percentiles():
     """Recomputes data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES (see its comment); prints the values on failure."""
     tok = data.Tokenizer(LLAMA_TOK)
     test = json.loads((SQA / "problems_test_reconstructed.json").read_text())
@@ -1610,7 +1610,7 @@ def test_scienceqa_length_percentiles():
 # The quiz: round trip through dataset -> collate, determinism, design
 
 
-def test_quiz_round_trip(quiz, tok):
+def test_data_quiz_round_trip(quiz, tok):
     folder = quiz
     records = {r["pid"]: r for r in data.load_scienceqa(folder, "train")}
     ds = data.ScienceQADataset(folder, "train", tok, image_size=32, max_seq_len=256, n_visual=NV)
@@ -1652,14 +1652,14 @@ def test_quiz_round_trip(quiz, tok):
     assert seen_img > 0 and seen_txt > 0
 
 
-def test_quiz_decodes_exactly(quiz, tok):
+def test_data_quiz_decodes_exactly(quiz, tok):
     """Without the image placeholders, the decoded row is exactly prefix + prompt + answer."""
     folder = quiz
     for rec in data.load_scienceqa(folder, "test"):
         prompt, answer = data.build_prompt(rec)
         enc = data.encode_example(tok, prompt, answer, bool(rec["image"]), 512, n_visual=NV)
         prefix = data.IMAGE_PREFIX if rec["image"] else data.TEXT_PREFIX
-        assert tok.decode(enc["tokens"]) == prefix + " " + prompt + answer, rec["pid"]  # see test_quiz_round_trip
+        assert tok.decode(enc["tokens"]) == prefix + " " + prompt + answer, rec["pid"]  # see test_data_quiz_round_trip
         n_prompt = len(tok.encode(prompt, bos=False, eos=False))
         body = tok.encode(prompt + answer, bos=False, eos=True)
         assert body[:n_prompt] == tok.encode(prompt, bos=False, eos=False), rec["pid"]  # stable boundary
@@ -1669,7 +1669,7 @@ def test_quiz_decodes_exactly(quiz, tok):
 # Encoding details
 
 
-def test_truncation_keeps_answer_start(quiz, tok):
+def test_data_truncation_keeps_answer_start(quiz, tok):
     prompt = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) blue (C) green\nResponse:"
     answer = "The answer is B. BECAUSE: " + "The circle is blue. " * 20
     full = data.encode_example(tok, prompt, answer, True, 10**6, n_visual=NV)
@@ -1690,7 +1690,7 @@ def test_truncation_keeps_answer_start(quiz, tok):
     assert data.encode_prompt(tok, prompt, True, n_visual=NV) == full["tokens"][: n_head + n_prompt].tolist()
 
 
-def test_visual_slots_invert_sequence_head_and_embed_needs_them(tok):
+def test_data_visual_slots_invert_sequence_head_and_embed_needs_them(tok):
     # Left-padded prompts, as evaluate.generate lays them out: visual_slots finds what encode_example marks.
     prompt, answer = "Question: What color is the circle?\nResponse:", "The answer is B."
     encs = [data.encode_example(tok, prompt, answer, img, max_seq_len=512, n_visual=NV) for img in (True, False)]
@@ -1705,7 +1705,7 @@ def test_visual_slots_invert_sequence_head_and_embed_needs_them(tok):
         tiny_lavin().embed(tokens, has_image, None, imgs)
 
 
-def test_encode_dialogue(quiz, tok):
+def test_data_encode_dialogue(quiz, tok):
     turns = [("What color is the circle?", "The circle is red."), ("Where is the circle?", "It is at the top left.")]
     enc = data.encode_dialogue(tok, turns, has_image=True, max_seq_len=512, n_visual=NV)
     tokens, labels = enc["tokens"], enc["labels"]
@@ -1738,7 +1738,7 @@ def test_encode_dialogue(quiz, tok):
     assert short["truncated"] and tok.decode(short["tokens"]).endswith("How many shapes are there?\nResponse:")
 
 
-def test_instruction_dataset(tmp_path, quiz, tok):
+def test_data_instruction_dataset(tmp_path, quiz, tok):
     folder = quiz
     image = next((folder / "images" / "train").rglob("image.png"))
     recs = [
@@ -1757,7 +1757,7 @@ def test_instruction_dataset(tmp_path, quiz, tok):
     assert batch["images"].shape == (1, 3, 32, 32) and batch["has_image"].tolist() == [1, 0]
 
 
-def test_length_grouped_order():
+def test_data_length_grouped_order():
     lengths = [random.Random(i).randint(10, 500) for i in range(1000)]
     order = data.length_grouped_order(lengths, batch_size=8, seed=0)
     assert sorted(order) == list(range(1000)) and order == data.length_grouped_order(lengths, 8, 0)
@@ -1770,7 +1770,7 @@ def test_length_grouped_order():
 # Bad input
 
 
-def test_bad_inputs(tmp_path, quiz, tok):
+def test_data_bad_inputs(tmp_path, quiz, tok):
     folder = quiz
     with pytest.raises(FileNotFoundError, match="problems.json"):
         data.load_scienceqa(tmp_path, "train")
@@ -1812,7 +1812,7 @@ def test_bad_inputs(tmp_path, quiz, tok):
         data.ScienceQADataset(root, "train", tok, fmt="QCM-XYZ", n_visual=NV)
 
 
-def test_tokenizer_found_in_an_hf_folder_and_tiktoken_refused(tmp_path, quiz, tok):
+def test_data_tokenizer_found_in_an_hf_folder_and_tiktoken_refused(tmp_path, quiz, tok):
     hf, meta = tmp_path / "Llama-2-7b-hf", tmp_path / "LLaMA" / "7B"
     hf.mkdir()
     meta.mkdir(parents=True)
@@ -1836,7 +1836,7 @@ def test_tokenizer_found_in_an_hf_folder_and_tiktoken_refused(tmp_path, quiz, to
 # evaluate.py: answer parsing, the score table, batched and sharded evaluation
 # =====================================================================================================================
 
-def test_generation_batched_equals_alone_and_cache_equals_recompute():
+def test_evaluate_generation_batched_equals_alone_and_cache_equals_recompute():
     model = tiny_lavin("mma").eval()
     tokens, has_image, vis_mask, images, _ = make_batch()
     prompts = [tokens[0, :7].tolist(), tokens[1].tolist(), tokens[2, :12].tolist()]
@@ -1858,7 +1858,7 @@ def test_generation_batched_equals_alone_and_cache_equals_recompute():
 # Scoring
 
 
-def test_parse_answer():
+def test_evaluate_parse_answer():
     rng = random.Random(0)
     assert evaluate.parse_answer("...Response:The answer is B. BECAUSE: x", 3, rng) == (1, False)
     assert evaluate.parse_answer("The answer is C? The answer is A.", 3, rng) == (2, False)  # first match; "." is any char
@@ -1869,7 +1869,7 @@ def test_parse_answer():
     assert len(set(draws)) == 1  # seeded
 
 
-def test_score_table():
+def test_evaluate_score_table():
     def rec(answer, subject, hint, image, grade):
         return dict(answer=answer, subject=subject, hint=hint, image=image, grade=grade, choices=["a", "b", "c"])
 
@@ -1914,7 +1914,7 @@ def test_evaluate_merged_equals_unmerged(model, tok, quiz):
     assert model.merged_modality is None and not model.training  # left as it came
 
 
-def test_eval_single_and_two_processes(ckpt, quiz, tmp_path):
+def test_evaluate_eval_single_and_two_processes(ckpt, quiz, tmp_path):
     """--eval prints the score table and writes the predictions; under torchrun with two (gloo) processes, the table
     and the predictions are the same as with one."""
     flags = ["sample.py", "--adapter", str(ckpt), "--eval", "--split", "test", "--batch_size", "4",
@@ -1940,13 +1940,13 @@ def _fsdp_worker(rank, world, quiz):
     assert type(model.llama.layers[0].attention.wq.weight).__name__ == "DTensor"  # sharded again afterwards
 
 
-def test_eval_under_fsdp2(quiz):
+def test_evaluate_eval_under_fsdp2(quiz):
     """train.py's end-of-training evaluation of an FSDP2-sharded model: ranks generate different batches, for
     different numbers of steps, without deadlocking, and agree with the unsharded model."""
     spawn(_fsdp_worker, quiz)
 
 
-def test_generate_takes_packed_path_with_the_same_tokens():
+def test_evaluate_generate_takes_packed_path_with_the_same_tokens():
     # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
     # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
     # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
@@ -2047,14 +2047,14 @@ def test_quiz_design(tmp_path):
         assert answer in r["hint"].replace(".", "").split(), r
 
 
-def test_pretrain_batches_are_seeded_draws():
+def test_quiz_pretrain_batches_are_seeded_draws():
     batches = quizgen._pretrain_batches(100, 8, 40, seed=3)
     assert len(batches) == 40 and all(len(b) == 8 and all(0 <= i < 100 for i in b) for b in batches)
     assert batches == quizgen._pretrain_batches(100, 8, 40, seed=3)  # a function of the seed alone
     assert batches != quizgen._pretrain_batches(100, 8, 40, seed=4)
 
 
-def test_pretrain_llama_standin_resumes_bit_exact(tmp_path, quiz, tok, monkeypatch, capsys):
+def test_quiz_pretrain_llama_standin_resumes_bit_exact(tmp_path, quiz, tok, monkeypatch, capsys):
     """Killed mid-interval (after its step-4 checkpoint) and rerun, pre-training ends exactly where an uninterrupted
     run does; a checkpoint made with other settings is not resumed; the checkpoint goes once the weights are saved."""
     folder = quiz
@@ -2092,7 +2092,7 @@ def test_pretrain_llama_standin_resumes_bit_exact(tmp_path, quiz, tok, monkeypat
 # train.py: methods, flags, DDP/FSDP2, checkpoints, resume
 # =====================================================================================================================
 
-def test_every_adapter_setting_is_a_train_flag():
+def test_train_every_adapter_setting_is_a_train_flag():
     """Each AdapterArgs field is set by a train.py flag and reaches the modules it configures."""
     args = train.get_args(["--data_dir", "x", "--method", "mixlora", "--mix_pool", "6", "--mix_rank", "2",
                            "--mix_alpha", "7", "--mix_cfs", "separable", "--mix_mode", "hard", "--mix_lambda", "0.5",
@@ -2135,7 +2135,7 @@ def losses(out_dir):
 
 
 @pytest.mark.parametrize("method", ["mma", "lora", "mixlora", "full"])
-def test_every_method_trains(tiny_setup, method, tmp_path):
+def test_train_every_method_trains(tiny_setup, method, tmp_path):
     blr = {"mma": "0.5", "lora": "0.2", "mixlora": "0.2", "full": "0.02"}[method]  # a few steps must show learning
     flags = tiny_setup["flags"] + ["--method", method, "--out_dir", str(tmp_path), "--lora_rank", "4",
                                    "--max_steps", "8", "--epochs", "4", "--warmup_epochs", "0", "--blr", blr]
@@ -2146,7 +2146,7 @@ def test_every_method_trains(tiny_setup, method, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"]], ids=["mma", "qlora"])
-def test_resume_is_exact(tiny_setup, tmp_path, extra):
+def test_train_resume_is_exact(tiny_setup, tmp_path, extra):
     full, part = tmp_path / "full", tmp_path / "part"
     train.main(tiny_setup["flags"] + extra + ["--out_dir", str(full), "--max_steps", "5"])
     train.main(tiny_setup["flags"] + extra + ["--out_dir", str(part), "--max_steps", "2"])
@@ -2158,7 +2158,7 @@ def test_resume_is_exact(tiny_setup, tmp_path, extra):
     assert losses(full) == losses(part)  # the resumed run logged the same losses for steps 3..5
 
 
-def test_corrupt_checkpoint_is_refused(tmp_path):
+def test_train_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
     blob = path.read_bytes()
@@ -2172,7 +2172,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_interrupted_save_keeps_last_good(tmp_path, monkeypatch):
+def test_train_interrupted_save_keeps_last_good(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
 
@@ -2188,7 +2188,7 @@ def test_interrupted_save_keeps_last_good(tmp_path, monkeypatch):
     assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.ones(3))
 
 
-def test_lr_schedule():
+def test_train_lr_schedule():
     args = train.get_args(["--data_dir", "x", "--epochs", "20", "--warmup_epochs", "2"])
     spe = 397
     peak = 9e-3 * 32 / 256
@@ -2198,7 +2198,7 @@ def test_lr_schedule():
     assert train.lr_at(spe, spe, args) == pytest.approx(peak / 2)
 
 
-def test_quick_start_settings_apply_only_to_flags_not_passed(tiny_setup, tmp_path, monkeypatch):
+def test_train_quick_start_settings_apply_only_to_flags_not_passed(tiny_setup, tmp_path, monkeypatch):
     """`python train.py --prompt_format QCM-ALE --max_steps 1` on the quiz trains with QCM-ALE (a flag equal to the
     real-run default is still the user's), while the quick start's other settings apply. quiz.quick_start is pointed
     at the small test quiz and backbones, so the run takes seconds instead of pre-training stand-ins."""
@@ -2221,7 +2221,7 @@ QLORA, LITE = ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"], ["--qu
 @pytest.mark.parametrize("fsdp,extra", [(False, []), (True, []), (False, QLORA), (True, QLORA), (False, LITE),
                                         (True, LITE)], ids=["ddp", "fsdp", "ddp-qlora", "fsdp-qlora", "ddp-lite",
                                                             "fsdp-lite"])
-def test_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
+def test_train_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
     """DDP / FSDP2 on 2 CPU processes (gloo) follow the single-process loss curve for the same global batch, with a
     full-precision base and with a 4-bit one (QLoRA, LaVIN-lite). Dropout draws differ per rank, so it is off here;
     what remains is the order of floating-point sums."""
@@ -2237,7 +2237,7 @@ def test_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
     assert wa.keys() == wb.keys()
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
+def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
     flags = list(tiny_setup["flags"])
     llama_dir = Path(flags[flags.index("--llama_dir") + 1])
     bad = tmp_path / "llama_nan"
@@ -2260,7 +2260,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
 # sample.py: generation, the chat, the command line
 # =====================================================================================================================
 
-def test_streaming_equals_plain(model, tok):
+def test_sample_streaming_equals_plain(model, tok):
     """The streamed pieces join to the non-streamed answer for the same seed (sampling, not greedy), and the seed
     decides the answer."""
     s = sample.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24)
@@ -2273,7 +2273,7 @@ def test_streaming_equals_plain(model, tok):
     assert sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(4)) != plain
 
 
-def test_generate_merged_equals_unmerged(model, tok):
+def test_sample_generate_merged_equals_unmerged(model, tok):
     """Greedy generation with the adapters folded into q/k/v (README, difference 6) equals running them as modules,
     for both modalities, and unmerging restores the modules."""
     s = sample.Sampling(max_new_tokens=16)
@@ -2288,7 +2288,7 @@ def test_generate_merged_equals_unmerged(model, tok):
         assert unmerged == merged == again and len(merged) > 0, has_image
 
 
-def test_batch_equals_alone(model, tok):
+def test_sample_batch_equals_alone(model, tok):
     """A batch of prompts of four different lengths, mixing modalities, gives each prompt's tokens alone (greedy)."""
     texts = ["hi", "Which shape is red? Look at the picture carefully.", "What is the capital of Peru?", "Where?"]
     has = [True, False, True, False]
@@ -2302,7 +2302,7 @@ def test_batch_equals_alone(model, tok):
     assert batch == alone
 
 
-def test_scripted_session(ckpt, quiz):
+def test_sample_scripted_session(ckpt, quiz):
     """Questions piped on stdin, with a bad image path, a sampling change, a good image and /quit: every question is
     answered, the bad path is reported and the session goes on, nothing is read after /quit."""
     img = next((quiz / "images" / "test").glob("*/image.png"))
@@ -2313,7 +2313,7 @@ def test_scripted_session(ckpt, quiz):
     assert "(image attached:" in out and "temperature 0.7" in out
 
 
-def test_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
+def test_sample_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     """An adapter file in the official release's format (Conv1d shapes, official names, `module.` prefix, an
     argparse.Namespace of flags) loads with --llama_dir/--clip_path and answers exactly as the model it came from."""
     official = {}
@@ -2336,7 +2336,7 @@ def test_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     assert sample.answer(loaded, tok2, p, img, s, None) == sample.answer(model, tok, p, img, s, None)
 
 
-def test_chat_prompt_follows_the_training_format(tok):
+def test_sample_chat_prompt_follows_the_training_format(tok):
     """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
     line = "What color is the circle? (A) red (B) green"
     ids = sample.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
@@ -2350,7 +2350,7 @@ def test_chat_prompt_follows_the_training_format(tok):
 # bench.py: parameter and FLOP tables, the side-by-side run
 # =====================================================================================================================
 
-def test_param_table_exact_counts():
+def test_bench_param_table_exact_counts():
     rows = {(r["model"], r["method"]): r["trainable"] for r in param_table()}
     # the MMA totals, to the parameter (the paper's Table 1: 3.8M and 5.4M)
     assert rows[("LaVIN-7B", "MMA (LaVIN)")] == 3_781_296
@@ -2360,7 +2360,7 @@ def test_param_table_exact_counts():
     assert rows[("LaVIN-7B", "LoRA r=8")] == 2_498_560 * 8 + 659_584
 
 
-def test_flop_model_matches_worked_example():
+def test_bench_flop_model_matches_worked_example():
     fm = bench.flop_model(build_lavin("7B", "ViT-L/14", AdapterArgs(method="mma"), device="meta"))
     # 32 blocks x 202.4M + the 131.1M head, frozen; the embedding lookup is not a matmul
     assert fm["n_frozen"] == pytest.approx(6.607e9, rel=1e-3)
@@ -2378,20 +2378,20 @@ def test_flop_model_matches_worked_example():
     assert lora["vision_per_image"] < 0.5 * fm["vision_per_image"]
 
 
-def test_length_distribution():
+def test_bench_length_distribution():
     lens = bench.sample_lengths(20_000, np.random.default_rng(0))
     assert lens.max() <= 512  # truncated like the official loader
     assert abs(np.median(lens) - data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES[50]) <= 3
 
 
-def test_unknown_flag_is_an_error():
+def test_bench_unknown_flag_is_an_error():
     with pytest.raises(SystemExit):
         bench.get_args(["--no_such_flag"])
     with pytest.raises(evaluate.UserError, match="--methods mma,adapterx: unknown"):
         bench.get_args(["--methods", "mma,adapterx"])
 
 
-def test_cpu_side_by_side_run(capsys, tmp_path):
+def test_bench_cpu_side_by_side_run(capsys, tmp_path):
     out_json = tmp_path / "bench.json"
     # One thread: on a shared CPU, two threads contending with other processes make each step up to 10x slower.
     threads = torch.get_num_threads()
@@ -2544,7 +2544,7 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
     ]
 
 
-def test_bad_inputs_are_one_line_errors(tiny_setup, ckpt, tmp_path, monkeypatch, capsys):
+def test_robust_bad_inputs_are_one_line_errors(tiny_setup, ckpt, tmp_path, monkeypatch, capsys):
     """Each bad input: a non-zero exit, one line naming the flag or file, no traceback, nothing trained."""
     for script, argv, expected in filter(None, bad_input_table(tiny_setup, ckpt, tmp_path)):
         code, err = run_script(script, argv, monkeypatch, capsys)
@@ -2557,7 +2557,7 @@ def test_bad_inputs_are_one_line_errors(tiny_setup, ckpt, tmp_path, monkeypatch,
         run_script("train.py", [*tiny_setup["flags"], "--epochs", "0", "--debug"], monkeypatch, capsys)
 
 
-def test_quick_start_batch_geometry_fits_torchrun(monkeypatch):
+def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = train.get_args([])
     assert (args.batch_size, args.micro_batch) == (32, 16)  # 16 per rank x 2 ranks = the quick start's 32
@@ -2578,7 +2578,7 @@ def logged(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
-def test_kill_resume_lock(tiny_setup, tmp_path):
+def test_robust_kill_resume_lock(tiny_setup, tmp_path):
     """A run killed with SIGKILL resumes with its own --save_every and out_dir (from another folder, flags not
     repeated); stopping that with Ctrl-C (SIGINT) prints one line with the resume command; neither loses more than
     one save interval. While a run writes its out_dir, a second is refused with the first's pid; the lock a killed
@@ -2615,7 +2615,7 @@ def test_kill_resume_lock(tiny_setup, tmp_path):
     assert 0 <= log[-1]["step"] - ck["step"] <= 2 and ck["step"] > saved
 
 
-def test_full_disk_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
+def test_robust_full_disk_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
     """The writer fails with ENOSPC from the second save on: the first save's checkpoint stays, no temporary file
     is left, the lock is released, and the one error line gives the resume command."""
     real_save, calls = torch.save, []
@@ -2639,7 +2639,7 @@ def test_full_disk_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch,
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no .tmp, no lock
 
 
-def test_corrupt_training_image_is_skipped_and_counted(tiny_setup, tmp_path, capsys):
+def test_robust_corrupt_training_image_is_skipped_and_counted(tiny_setup, tmp_path, capsys):
     flags = list(tiny_setup["flags"])
     src = Path(flags[flags.index("--data_dir") + 1])
     quiz_copy = tmp_path / "quiz"

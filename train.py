@@ -22,6 +22,8 @@ accumulated gradient thrown away at the end of an epoch (14).
 The quick start: with no --llama_dir / --clip_path / --data_dir there is nothing pretrained to adapt, so quiz.py
 generates a ScienceQA-format quiz and pre-trains tiny stand-ins for the backbones, saved in Meta's and OpenAI's
 layouts; this file then loads them through the same loaders real weights use and trains the adapters only.
+
+Tests: `python -m pytest -q test_all.py -k test_train_`.
 """
 
 import argparse
