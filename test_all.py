@@ -115,6 +115,14 @@ needs_llama = pytest.mark.skipif(not LLAMA_TOK.is_file(), reason="LLaMA tokenize
 ROOT = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True)
+def away_from_checkout(tmp_path, monkeypatch):
+    """Every test runs in an empty folder of its own: the quick start's defaults are relative paths (out/, quiz/),
+    so a test never reads or writes what a user's run left in the checkout (README: run the tests after the quick
+    start)."""
+    monkeypatch.chdir(tmp_path)
+
+
 MAX_SEQ_LEN = 128
 
 
@@ -167,11 +175,12 @@ def ckpt(model, quiz, tmp_path_factory):
 def run(cmd, stdin=None, nproc=None):
     """Run a script of this folder (`python` or `torchrun --nproc_per_node nproc`), 1 thread per process; its stdout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # 1 thread each: the CI box has 2 cores
+    cmd = [str(ROOT / cmd[0]), *cmd[1:]]  # run from the test's own folder (away_from_checkout), not the checkout
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd
     else:
         cmd = [sys.executable] + cmd
-    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -181,7 +190,31 @@ def spawn(worker, *args, world=2):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_in_group, args=(world, port, worker, args), nprocs=world)
+    ctx = torch.multiprocessing.start_processes(_in_group, args=(world, port, worker, args), nprocs=world,
+                                                join=False, start_method="spawn")
+    deadline = time.time() + 300  # bounded: a rank stuck in a collective fails the test instead of hanging the suite
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} gloo ranks did not finish within 300 s")
+
+
+def finish(proc, timeout=240):
+    """Wait for a child at most `timeout` seconds -> (stdout, stderr); past that, kill it and fail with its output."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"child did not end within {timeout} s\n{out[-2000:]}\n{err[-2000:]}")
+
+
+def default_signals():
+    """A child's preexec_fn: SIGINT and SIGTERM back at their defaults. A child inherits "ignore" from a shell that
+    starts the suite in the background (`bash -c 'trap "" INT; ...'`), and then a test's signal would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # exec keeps an ignored signal ignored, but resets a default one
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _in_group(rank, world, port, worker, args):
@@ -2568,7 +2601,7 @@ def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch):
 def wait_for(predicate, proc, timeout=240):
     t0 = time.time()
     while not predicate():
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, finish(proc)
         assert time.time() - t0 < timeout, "timed out"
         time.sleep(0.05)
 
@@ -2587,20 +2620,21 @@ def test_robust_kill_resume_lock(tiny_setup, tmp_path):
     elsewhere.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     popen = lambda argv: subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=elsewhere, env=env,  # noqa: E731
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          preexec_fn=default_signals)
     first = popen(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"])
     wait_for(lambda: len(logged(out)) >= 5, first)
     with pytest.raises(train.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
         train.main(["--resume", str(out / "ckpt.pt"), "--max_steps", "100"])
     first.kill()
-    first.wait()
+    finish(first)
     last, saved = logged(out)[-1]["step"], load_checkpoint(out / "ckpt.pt")["step"]
     assert 0 <= last - saved <= 2, (last, saved)
 
     second = popen(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)])
     wait_for(lambda: len(logged(out)) >= last + 8, second)  # the old steps, the marker, and a few new ones
     second.send_signal(signal.SIGINT)
-    stdout, stderr = second.communicate()
+    stdout, stderr = finish(second)
     assert f"taking over the lock of pid {first.pid}" in stdout
     assert second.returncode == 130 and "Traceback" not in stderr, stderr
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
