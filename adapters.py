@@ -16,15 +16,14 @@ freeze everything else, save and load them, and fold them away for inference.
 - `quantize_nf4`, `NF4Linear`, `quantize_llama_`: a frozen base in 4-bit NormalFloat with double quantization
   (QLoRA, Dettmers et al. 2023), bit-exact with bitsandbytes' storage; LoRA, MixLoRA and MMA sit on it unchanged
   (QLoRA, and the official LaVIN "lite" mode).
-- `AdapterArgs`, `inject_adapters`, `mark_trainable`, `trainable_state_dict`, `load_trainable`,
-  `convert_official_lavin`: one `method` value picks MMA (default), LoRA, MixLoRA or full fine-tuning.
+- `AdapterArgs`, `inject_adapters`, `mark_trainable`, `trainable_state_dict`, `load_trainable` (official LaVIN files
+  too, their names converted by weights.py): one `method` value picks MMA (default), LoRA, MixLoRA or full fine-tuning.
 
 model.py calls these when it assembles LaVIN; train.py / sample.py / bench.py reach them through model.py.
 Tests: `python -m pytest -q test_all.py -k test_adapters_`.
 """
 
 import math
-import re
 import struct
 from dataclasses import dataclass
 
@@ -33,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from clip_vit import check_state_dict
 from router import FactorRouter, Router, default_tau
+from weights import check_state_dict, convert_official_lavin, strip_module_prefix
 
 METHODS = ("mma", "lora", "mixlora", "full")
 
@@ -560,9 +559,9 @@ def trainable_state_dict(model: nn.Module) -> dict:
 
 
 def load_trainable(model: nn.Module, sd: dict):
-    """Load a trainable state dict (ours, or the official LaVIN format converted by `convert_official_lavin`).
+    """Load a trainable state dict (ours, or the official LaVIN format converted by weights.convert_official_lavin).
     Missing, unexpected and mis-shaped keys are all listed in one error."""
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP checkpoints carry a `module.` prefix
+    sd = strip_module_prefix(sd)  # DDP checkpoints carry a `module.` prefix
     if any(".conv_A." in k or ".expert_weights." in k for k in sd):
         sd = convert_official_lavin(sd)
     params = dict(model.named_parameters())
@@ -577,35 +576,3 @@ def load_trainable(model: nn.Module, sd: dict):
             else:
                 p.copy_(v.to(device=p.device, dtype=p.dtype))
 
-
-def convert_official_lavin(sd: dict) -> dict:
-    """
-    Official LaVIN adapter keys (the released checkpoint-*.pth) -> ours. The official modules are 1x1 Conv1d, so their weights carry a
-    trailing kernel axis of size 1 that we drop; names map as:
-      layers.{i}.adapter_attn.conv_A / conv_B / conv_D / expert_weights -> llama.layers.{i}.adapter_attn.down/up0/up1/router.proj
-      backbone.visual.transformer.resblocks.{j}.adapter_attn.*         -> visual.blocks.{j}.adapter_attn.*
-      adapter_proj.conv_A / conv_B (plain linears despite the name)      -> adapter_proj.fc1 / fc2
-      adapter_modality_embedding.weight                                 -> unchanged
-    """
-    parts = {"conv_A": "down", "conv_B": "up0", "conv_D": "up1", "expert_weights": "router.proj"}
-    out = {}
-    for key, v in sd.items():
-        k = key.removeprefix("module.")
-        if k.startswith("adapter_proj."):
-            k = k.replace("conv_A", "fc1").replace("conv_B", "fc2")
-        elif k.startswith("adapter_modality_embedding."):
-            pass
-        else:
-            m = re.fullmatch(r"(layers\.\d+|backbone\.visual\.transformer\.resblocks\.\d+)\.adapter_attn\."
-                             r"(conv_A|conv_B|conv_D|expert_weights)\.(weight|bias)", k)
-            if m is None:
-                out[k] = v  # not an adapter key: kept as is, so load_trainable reports it as unexpected
-                continue
-            where, part, kind = m.groups()
-            where = ("llama." + where) if where.startswith("layers") else where.replace(
-                "backbone.visual.transformer.resblocks", "visual.blocks")
-            k = f"{where}.adapter_attn.{parts[part]}.{kind}"
-            if v.dim() == 3:
-                v = v.squeeze(-1)  # Conv1d [out, in/groups, 1] -> [out, in/groups]
-        out[k] = v
-    return out

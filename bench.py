@@ -60,10 +60,11 @@ import torch.nn.functional as F
 
 from adapters import (LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALinear, NF4Weight, nf4_nbytes,
                       quantize_llama_)
-from clip_vit import VISION_PRESETS, VisionTransformer, save_safetensors
+from clip_vit import VISION_PRESETS, VisionTransformer
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
 from evaluate import UserError, check_flags, cli, generate
 from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
+from weights import save_safetensors
 
 # What the paper claims (Table 6 and the official README's model zoo), and what it trains on
 PAPER = {"7B": dict(trainable=3_781_296, hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 import data
 from adapters import LoRALinear
-from model import LaVIN, Transformer, load_checkpoint, load_trained
+from model import LaVIN, Transformer, load_trained
+from weights import load_checkpoint
 
 
 # =====================================================================================================================

@@ -3,7 +3,7 @@ LLaMA, written out by hand, and LaVIN: a frozen LLaMA and a frozen CLIP ViT join
 
 Part 1, LLaMA (Touvron et al. 2023; meta-llama/llama llama/model.py, whose checkpoints load unchanged): pre-norm
 RMSNorm blocks, RoPE on adjacent pairs, grouped-query attention, SwiGLU, one static KV cache path for prefill and
-decode (gpt-fast), and `load_llama` for Meta's and Hugging Face's layouts.
+decode (gpt-fast), and `load_llama` for Meta's and Hugging Face's layouts (the files are weights.py's).
 
 Part 2, LaVIN (Luo et al., NeurIPS 2023, arXiv 2305.15023, §3; luogen1996/LaVIN lavin/model.py, lavin/eval_model.py),
 on the sequence that data.sequence_head lays out:
@@ -14,17 +14,15 @@ on the sequence that data.sequence_head lays out:
 The modality token (position 0) is seen by no other position and drives every layer's router; the visual tokens are
 CLIP's class token after every 4th block, through a small neck. Only the adapters (adapters.py) train. Departures
 (README, "Differences from the official code"): per-image CLIP routing (1, clip_vit.py), text-only samples skip CLIP
-(2), re-parameterised adapters (6), fp32 loss (7); decoding (3-5) is evaluate.generate's. Part 3: building, loading
-and checkpoints, the one place every script gets a model from.
+(2), re-parameterised adapters (6), fp32 loss (7); decoding (3-5) is evaluate.generate's. Part 3: building and
+loading, from presets, pretrained backbones or a checkpoint (weights.load_checkpoint's): the one place every script gets
+a model from.
 
 Used by `python train.py`, `python sample.py`, `python evaluate.py`, `python bench.py`; tests: `python -m pytest -q
 test_all.py -k test_model_`.
 """
 
-import argparse
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -34,8 +32,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from adapters import AdapterArgs, LoRALinear, fold_mma_into_qkv, inject_adapters, load_trainable, quantize_block_
-from clip_vit import (VISION_PRESETS, SafeTensors, VisionArgs, VisionTransformer, check_state_dict, hf_weight_files,
-                      load_clip, read_weights, torch_load)
+from clip_vit import VISION_PRESETS, VisionArgs, VisionTransformer, load_clip
+from weights import check_state_dict, read_llama, strip_module_prefix
 
 
 # =====================================================================================================================
@@ -259,133 +257,13 @@ class Transformer(nn.Module):
         return self.output(self.forward_embeds(self.tok_embeddings(tokens), start_pos)).float()
 
 
-# Meta's model-parallel checkpoints split each tensor across shards: column-parallel weights on dim 0, row-parallel ones
-# and the embedding on dim 1, norms replicated (fairscale layers of meta-llama/llama model.py).
-_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-
-
-def merge_shards(shards: list[dict]) -> dict:
-    if len(shards) == 1:
-        return dict(shards[0])  # no copy of the memory-mapped tensors
-    dims = {k: _SHARD_DIM.get(k.split(".")[-2]) for k in shards[0]}  # e.g. "wq" of layers.0.attention.wq.weight
-    return {k: shards[0][k] if d is None else torch.cat([s[k] for s in shards], dim=d) for k, d in dims.items()}
-
-
-# Hugging Face's layout (transformers' LlamaForCausalLM, as its convert_llama_weights_to_hf.py writes it from Meta's)
-_HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                   "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                   "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",  # up is w3, not w2
-                   "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-                   "post_attention_layernorm": "ffn_norm"}
-_HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
-
-
-def hf_to_meta_name(name: str) -> str | None:
-    """model.layers.3.mlp.up_proj.weight -> layers.3.feed_forward.w3.weight; None for a name LLaMA does not have."""
-    p = name.split(".")  # model, layers, N, <module>, weight
-    if p[:2] == ["model", "layers"] and p[-1] == "weight" and ".".join(p[3:-1]) in _HF_LAYER_NAMES:
-        return f"layers.{p[2]}.{_HF_LAYER_NAMES['.'.join(p[3:-1])]}.weight"
-    return _HF_NAMES.get(name)
-
-
-def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's q or k rows -> Meta's: convert_llama_weights_to_hf.py lists each head's even rows, then its odd ones, so
-    that HF's rotate_half, pairing (i, i + D/2), rotates Meta's pairs (2i, 2i + 1). k takes the key/value head count."""
-    rows, cols = w.shape
-    w = w.view(n_heads, 2, rows // n_heads // 2, cols)  # (H, 2, D/2, C): [even rows; odd rows] of each head
-    return w.transpose(1, 2).reshape(rows, cols)  # (H, D/2, 2, C) -> (H·D, C): rows 0, 1, 2, ... interleaved again
-
-
-def hf_llama_args(cfg: dict, where: Path, max_seq_len: int) -> ModelArgs:
-    """config.json -> ModelArgs (vocab size, FFN width: from the tensors), refusing what this LLaMA cannot compute."""
-    arch = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if cfg.get("model_type") != "llama" or arch != ["LlamaForCausalLM"]:
-        raise ValueError(f"{where} describes a {cfg.get('model_type')} model {arch}, not LLaMA: only "
-                         f"LlamaForCausalLM folders (LLaMA-1/2, Vicuna) load here")
-    # transformers 4.x writes rope_theta and rope_scaling at the top level, 5.x both inside rope_parameters
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"{where} asks for RoPE scaling of type {kind!r} (e.g. Llama-3.1), which this model does not "
-                         f"implement: loading it without would rotate every position wrongly")
-    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    odd = {k: cfg[k] for k in ("attention_bias", "mlp_bias") if cfg.get(k)}
-    odd |= {k: cfg[k] for k, ok in (("hidden_act", "silu"), ("head_dim", dim // heads)) if cfg.get(k, ok) != ok}
-    if odd:
-        raise ValueError(f"{where} has {odd}: not LLaMA's architecture (no biases, SwiGLU, head size hidden/heads)")
-    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
-                     n_kv_heads=cfg.get("num_key_value_heads") or heads, norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=theta, max_seq_len=max_seq_len)
-
-
-def read_hf_llama(folder: Path, args: ModelArgs, tied: bool, device, dtype) -> dict:
-    """The tensors of an HF folder under Meta's names, q/k un-permuted, each cast and moved as soon as it is read, so
-    that the peak stays near one copy of the weights (the mapped file's pages of a copied tensor are dropped)."""
-    sd = {}
-    for file in hf_weight_files(folder):
-        shard = read_weights(file, "LLaMA checkpoint")
-        for name in list(shard):
-            meta = hf_to_meta_name(name)
-            if meta is None:
-                if name.endswith("rotary_emb.inv_freq"):  # saved by 2023-era transformers; recomputed here
-                    continue
-                raise ValueError(f"{file}: tensor {name} has no counterpart in LLaMA (biases or other norms mean "
-                                 f"another architecture); refusing rather than dropping it")
-            src = shard[name]
-            heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(meta.split(".")[-2])  # k: key/value heads
-            t = src if heads is None else unpermute(src, heads)
-            sd[meta] = t.to(device=device, dtype=dtype or t.dtype)
-            if isinstance(shard, SafeTensors) and sd[meta].data_ptr() != src.data_ptr():
-                shard.release(name)  # copied out: its pages of the mapped file are not needed again
-    if tied and "output.weight" not in sd:  # tie_word_embeddings: the head is the embedding, not saved twice
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    return sd
-
-
-def read_meta_llama(ckpt_dir: Path, max_seq_len: int) -> tuple[ModelArgs, dict]:
-    """Meta's layout: params.json + consolidated.00.pth (+ .01 ... for model-parallel shards, merged here)."""
-    params_path = ckpt_dir / "params.json"
-    if not params_path.is_file():
-        raise FileNotFoundError(f"neither params.json nor config.json in {ckpt_dir}: --llama_dir is Meta's layout "
-                                f"(params.json + consolidated.*.pth, e.g. .../LLaMA/7B) or Hugging Face's (config.json "
-                                f"+ model*.safetensors, e.g. meta-llama/Llama-2-7b-hf)")
-    shard_paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    if not shard_paths:
-        raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}: expected Meta's checkpoint shards there")
-    try:
-        params = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{params_path} is not valid JSON ({e})") from e
-    if params.get("use_scaled_rope"):
-        raise ValueError(f"{params_path} sets use_scaled_rope (Llama-3.1/3.2), a RoPE scaling this model does not "
-                         f"implement: loading it without would rotate every position wrongly")
-    known = {f.name for f in fields(ModelArgs)}
-    unknown = sorted(params.keys() - known - {"use_scaled_rope"})
-    if unknown:
-        raise ValueError(f"{params_path} has keys this loader does not understand: {unknown}; refusing rather than "
-                         f"ignoring what they may change")
-    sd = merge_shards([torch_load(p, "LLaMA checkpoint", mmap=True) for p in shard_paths])
-    sd.pop("rope.freqs", None)  # old checkpoints store the RoPE frequencies; we compute them
-    args = ModelArgs(**{k: v for k, v in params.items() if k in known and v is not None})
-    args.max_seq_len = max(max_seq_len, params.get("max_seq_len") or 0)
-    return args, sd
-
-
 def load_llama(ckpt_dir, device="cpu", dtype=None, max_seq_len: int = 512, quant: str | None = None) -> Transformer:
     """Meta's layout (params.json + consolidated.*.pth, shards merged) or, given config.json, Hugging Face's (LLaMA-1/2,
     Vicuna) -> a frozen Transformer, built on the meta device and assigned the weights (gpt-fast: nothing allocated
     twice). quant="nf4": block by block to 4-bit NormalFloat (QLoRA) on the device: the peak is 4-bit plus a block."""
     ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / "config.json").is_file():
-        cfg = json.loads((ckpt_dir / "config.json").read_text())
-        args = hf_llama_args(cfg, ckpt_dir / "config.json", max_seq_len)
-        sd = read_hf_llama(ckpt_dir, args, cfg.get("tie_word_embeddings", False), device, dtype)
-    else:
-        args, sd = read_meta_llama(ckpt_dir, max_seq_len)
-    if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
-        raise ValueError(f"the checkpoint in {ckpt_dir} does not look like LLaMA (no tok_embeddings / w1 tensors)")
+    params, sd = read_llama(ckpt_dir, {f.name for f in fields(ModelArgs)}, max_seq_len, device, dtype)  # weights.py
+    args = ModelArgs(**params)
     args.vocab_size = sd["tok_embeddings.weight"].shape[0]  # params.json says -1 in LLaMA-1
     args.hidden_dim = args.hidden_dim or sd["layers.0.feed_forward.w1.weight"].shape[0]  # the FFN width as stored
     args.n_kv_heads = args.n_kv_heads or sd["layers.0.attention.wk.weight"].shape[0] // args.head_dim
@@ -532,7 +410,7 @@ class LaVIN(nn.Module):
 
 
 # =====================================================================================================================
-# Part 3: building, loading, checkpoints (the one place train.py, sample.py, evaluate.py and bench.py get a model)
+# Part 3: building and loading (the one place train.py, sample.py, evaluate.py and bench.py get a model)
 
 def build_lavin(llama_preset="tiny", vision_preset="tiny", adapter_args: AdapterArgs | None = None, vocab_size=None,
                 max_seq_len: int = 512, device="cpu") -> LaVIN:
@@ -566,40 +444,6 @@ def warmup_cosine(t: float, warmup: float, total: float, peak: float, floor: flo
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path, obj: dict):
-    """Write a temporary file (named by the pid, so writers never share one; removed if the write fails), fsync it and
-    rename it over the old one: the rename is atomic, so a run killed mid-save leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # a full disk: name the checkpoint that could not be written
-        raise
-
-
-def load_checkpoint(path) -> dict:
-    """train.py's checkpoint, or an official LaVIN adapter file (checkpoint-{epoch}.pth), whose argparse.Namespace the
-    safe torch.load refuses: rather than unpickling arbitrary code (weights_only=False) we allow-list that class."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found (train.py writes {{out_dir}}/ckpt.pt; "
-                                f"run `python train.py` first for the quick start's)")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch_load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} is neither a train.py checkpoint nor an official LaVIN adapter file (no 'model' "
-                         f"dict of tensors)")
-    return ckpt
-
-
 def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) -> tuple[LaVIN, dict]:
     """load_checkpoint's dict -> (the trained LaVIN in eval mode, how it was trained: {llama_dir, clip_path, tokenizer
     (None: LLaMA's), norm, prompt_format, data_dir, chat, clip_every, quant}). `overrides` (None values ignored) win
@@ -614,7 +458,7 @@ def load_trained(ckpt: dict, device, dtype=None, overrides: dict | None = None) 
                     clip_every=cfg["vision"]["feature_every"])
         adapter_args, max_seq_len, sd = AdapterArgs(**cfg["adapter"]), cfg["llama"]["max_seq_len"], ckpt["model"]
     else:
-        sd = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}  # saved from inside DDP
+        sd = strip_module_prefix(ckpt["model"])  # saved from inside DDP
         if "layers.0.adapter_attn.conv_B.weight" not in sd:
             raise ValueError("the file is neither a train.py checkpoint (no 'config') nor an official LaVIN adapter "
                              "file (no layers.0.adapter_attn.conv_B.weight)")

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from clip_vit import VISION_PRESETS, VisionTransformer, to_openai_state_dict
+from clip_vit import VISION_PRESETS, VisionTransformer
 from data import (IMAGE_PREFIX, TEXT_PREFIX, Tokenizer, build_instruction, build_prompt, collate, encode_example,
                   image_path, load_image_tensor, load_scienceqa, prompt_lengths)
-from model import (IGNORE, LLAMA_PRESETS, ModelArgs, Transformer, load_checkpoint, save_checkpoint,
-                   warmup_cosine)
+from model import IGNORE, LLAMA_PRESETS, ModelArgs, Transformer, warmup_cosine
+from weights import load_checkpoint, save_checkpoint, to_openai_state_dict
 
 # =====================================================================================================================
 # The quiz: a generated ScienceQA look-alike (the default dataset of the CPU runs)

@@ -48,8 +48,9 @@ import quiz
 from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
 from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
                       setup_distributed, teardown_distributed)
-from model import IGNORE, LaVIN, count_params, load_checkpoint, load_lavin, save_checkpoint, warmup_cosine
+from model import IGNORE, LaVIN, count_params, load_lavin, warmup_cosine
 from router import default_tau
+from weights import load_checkpoint, save_checkpoint
 
 
 def make_parser():
@@ -480,7 +481,7 @@ def show_routing(model: LaVIN) -> str:
 def out_dir_lock(out_dir, master: bool):
     """One run writes an out_dir at a time: rank 0 holds `lock` there, a file with its pid, created atomically
     (O_EXCL). A lock whose pid no longer runs was left by a killed run and is taken over, and the half-written
-    checkpoint such a run may have left (model.save_checkpoint's ckpt.pt.{pid}.tmp) is removed."""
+    checkpoint such a run may have left (weights.save_checkpoint's ckpt.pt.{pid}.tmp) is removed."""
     if not master:
         yield
         return
