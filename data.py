@@ -88,8 +88,8 @@ class Tokenizer:
 
 IMAGE_PREFIX = "Image: "  # LLaMA: ▁Image : ▁ = [7084, 29901, 29871]; the visual tokens follow
 TEXT_PREFIX = "Image: N/A"  # LLaMA: ▁Image : ▁N / A = [7084, 29901, 405, 29914, 29909]
-# LLaMA's encodings of the two prefixes (test_all.py checks them against the real tokenizer), for bench.py's
-# synthetic batches, which need LLaMA's layout without a tokenizer file.
+# LLaMA's encodings of the two prefixes (test_data_llama_prefixes_and_label_boundary checks them against the real
+# tokenizer); bench.py's synthetic batches take their lengths, to lay sequences out as LLaMA's without a tokenizer.
 LLAMA_PREFIX_IDS = {True: [7084, 29901, 29871], False: [7084, 29901, 405, 29914, 29909]}
 OPTIONS = "ABCDE"  # ScienceQA has at most 5 choices; the official `args.options`
 MIN_ANSWER_TOKENS = 8  # what truncation always keeps of an answer: "The answer is X." is 5-6 LLaMA tokens
@@ -401,7 +401,7 @@ def prompt_lengths(problems, tok, fmt: str = "QCM-ALE", *, n_visual: int) -> lis
 # records, which have lectures and solutions) pair, i.e. assuming the answer length is independent of the prompt.
 # About 11% exceed 512 (the 150 full records alone: 17%). The extreme tail pairs the longest prompt with the longest
 # answer, so p100 overstates the real maximum (1,040 among the 150 full records).
-# Recompute with test_all.py::test_scienceqa_length_percentiles (it asserts these values and prints new ones).
+# Recompute with test_all.py::test_data_scienceqa_length_percentiles (it asserts these values and prints new ones).
 SCIENCEQA_TRAIN_LENGTH_PERCENTILES = {
     0: 44, 5: 111, 10: 167, 20: 207, 30: 229, 40: 253, 50: 282,
     60: 315, 70: 367, 80: 419, 90: 530, 95: 606, 99: 937, 100: 1435,

@@ -142,8 +142,10 @@ def tok(quiz):
     return data.Tokenizer(quiz / "tokenizer.model")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model(tok):
+    """A fresh tiny LaVIN on the quiz's vocabulary for each test (built in milliseconds), so a test that merges,
+    trains or edits it changes nothing another test reads; `ckpt` saves the same weights (one seed)."""
     return tiny_lavin(noise=0.2, vocab_size=tok.n_words, max_seq_len=MAX_SEQ_LEN).eval()  # routing matters
 
 
@@ -158,7 +160,8 @@ def prompt(tok, text, has_image):
 # ---- the command line: a checkpoint in train.py's format, on base weights saved in Meta's and OpenAI's layouts
 
 @pytest.fixture(scope="module")
-def ckpt(model, quiz, tmp_path_factory):
+def ckpt(tok, quiz, tmp_path_factory):
+    model = tiny_lavin(noise=0.2, vocab_size=tok.n_words, max_seq_len=MAX_SEQ_LEN)  # the `model` fixture's weights
     root = tmp_path_factory.mktemp("ckpt")
     llama_dir = root / "llama"
     a = model.llama.args
@@ -979,6 +982,11 @@ def test_clip_preprocess_is_pil_bicubic_squash():
     ref = np.asarray(img.resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255  # (224, 224, 3)
     ref = (torch.from_numpy(ref) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(preprocess(img), ref.permute(2, 0, 1), atol=1e-6, rtol=0)
+    # and an independent resize: on a smooth image (no edges to ring at) the two agree to about one 8-bit level
+    yy, xx = np.mgrid[0:37, 0:91]
+    smooth = np.stack([xx * 2.8, yy * 6.9, (xx + yy) * 2.0], axis=-1).astype(np.uint8)  # (37, 91, 3) ramps
+    d = (preprocess(Image.fromarray(smooth)) - torch_bicubic_reference(smooth)).abs()
+    assert d.max() < 2.5 / 255 / min(IMAGENET_STD), d.max()
 
 
 def test_clip_16bit_full_range(tmp_path):
@@ -991,16 +999,36 @@ def test_clip_16bit_full_range(tmp_path):
     assert img.mode == "RGB" and img.getpixel((3, 3)) == (255, 255, 255)
 
 
+def torch_bicubic_reference(rgb: np.ndarray, size=224) -> torch.Tensor:
+    """An independent preprocessing: torch's antialiased bicubic (Keys a=-0.5, PIL's kernel and support, computed in
+    float instead of PIL's 8-bit fixed point), then ToTensor + ImageNet Normalize. (H, W, 3) uint8 -> (3, size, size)."""
+    t = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    t = F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+    return (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def close_to_float_bicubic(x: torch.Tensor, ref: torch.Tensor):
+    """PIL rounds to 8 bits between its two passes; a float resize differs by a few levels at sharp edges only."""
+    d = (x - ref).abs()
+    assert d.mean() < 0.01 and d.max() < 0.25, (d.mean().item(), d.max().item())  # 0.25 ~ 14/255 of one pixel
+
+
+@needs_sqa
 def test_clip_scienceqa_images():
-    paths = sorted((Path(__file__).resolve().parent.parent / "shared" / "data" / "scienceqa" / "images" / "test")
-                   .glob("*/image.png"))[:4]
-    if not paths:
-        pytest.skip("ScienceQA test images not found")
+    """Real ScienceQA test images (sizes from 188 x 200 to 750 x 429): load_image keeps every pixel PIL reads, and
+    preprocess agrees with an independent float bicubic; distinct images give distinct inputs."""
+    paths = sorted((SQA / "images" / "test").glob("*/image.png"))[:4]
+    assert paths, SQA
+    xs = []
     for p in paths:
         img = load_image(p)
-        assert img.mode == "RGB"
+        raw = np.asarray(Image.open(p).convert("RGB"))  # (H, W, 3) uint8
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img), raw)
         x = preprocess(img)
-        assert x.shape == (3, 224, 224) and torch.isfinite(x).all()
+        assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+        close_to_float_bicubic(x, torch_bicubic_reference(raw))
+        xs.append(x)
+    assert all((a - b).abs().mean() > 0.05 for i, a in enumerate(xs) for b in xs[i + 1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1635,8 +1663,9 @@ def test_data_build_prompt_fold_and_nulls():
 @needs_sqa
 def test_data_llama_prefixes_and_label_boundary():
     tok = data.Tokenizer(LLAMA_TOK)
-    assert tok.encode(data.IMAGE_PREFIX, bos=False, eos=False) == [7084, 29901, 29871]
-    assert tok.encode(data.TEXT_PREFIX, bos=False, eos=False) == [7084, 29901, 405, 29914, 29909]
+    assert tok.encode(data.IMAGE_PREFIX, bos=False, eos=False) == data.LLAMA_PREFIX_IDS[True] == [7084, 29901, 29871]
+    assert tok.encode(data.TEXT_PREFIX, bos=False, eos=False) == data.LLAMA_PREFIX_IDS[False] == \
+        [7084, 29901, 405, 29914, 29909]
     assert (tok.bos_id, tok.eos_id, tok.n_words) == (1, 2, 32000)
     problems = json.loads((SQA / "problems_sample150.json").read_text())
     for pid, rec in problems.items():
@@ -2301,6 +2330,8 @@ def test_train_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
     wa = load_checkpoint(one / "ckpt.pt")["model"]
     wb = load_checkpoint(two / "ckpt.pt")["model"]
     assert wa.keys() == wb.keys()
+    for k in wa:  # the trained weights themselves, not only their names (FSDP2 saves them gathered, unsharded)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
@@ -2361,7 +2392,6 @@ def test_sample_batch_equals_alone(model, tok):
     ps = [prompt(tok, t, h) for t, h in zip(texts, has)]
     assert len({len(p) for p in ps}) == 4
     imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
-    model.unmerge()  # a mixed batch needs the adapters as modules
     batch = evaluate.generate(model, ps, has, imgs, max_new_tokens=12)
     alone = [evaluate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], evaluate.generate(model, [ps[1]], [False], None, 12)[0],
              evaluate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], evaluate.generate(model, [ps[3]], [False], None, 12)[0]]

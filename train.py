@@ -296,7 +296,7 @@ def skipped_note(train_set) -> str:
 def wrap_model(model: LaVIN, args, device, world: int):
     """DDP or FSDP2 around the model; the unwrapped model stays reachable for checkpoints and evaluation."""
     if args.grad_ckpt:
-        model.llama.grad_ckpt = True  # non-reentrant, see model.Transformer.forward_embeds
+        model.llama.grad_ckpt = True  # non-reentrant, see model.Transformer.run_blocks
     if args.compile:
         for layer in model.llama.layers:
             layer.compile()
