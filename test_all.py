@@ -37,6 +37,7 @@ from PIL import Image
 import bench
 import data
 import evaluate
+import generate
 import quiz as quizgen
 import sample
 import train
@@ -47,7 +48,7 @@ from bench import param_table
 from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SAFETENSORS_DTYPES, VISION_PRESETS, SafeTensors,
                       VisionArgs, VisionTransformer, convert_openai_state_dict, load_clip, load_image, preprocess,
                       save_safetensors, to_openai_state_dict)
-from evaluate import PackedLinear
+from generate import PackedLinear
 from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params,
                    load_checkpoint, load_llama, rope_tables, save_checkpoint)
 from router import FactorRouter, default_tau
@@ -941,11 +942,11 @@ def test_adapters_fold_into_a_4bit_base(method):
     tokens, has_image, _, _, _ = make_batch()
     with torch.no_grad():
         ref = model(tokens[:1], has_image[:1])
-        gen = evaluate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
+        gen = generate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
         model.merge(0)
         assert isinstance(model.llama.layers[0].attention.wq.weight, nn.Parameter)  # a dense, merged copy
         torch.testing.assert_close(model(tokens[:1], has_image[:1]), ref, rtol=1e-4, atol=1e-4)
-        assert evaluate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
+        assert generate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
         model.unmerge()
         assert isinstance(model.llama.layers[0].attention.wq.weight, NF4Weight)
         assert torch.equal(model(tokens[:1], has_image[:1]), ref)
@@ -1691,7 +1692,7 @@ def test_data_truncation_keeps_answer_start(quiz, tok):
 
 
 def test_data_visual_slots_invert_sequence_head_and_embed_needs_them(tok):
-    # Left-padded prompts, as evaluate.generate lays them out: visual_slots finds what encode_example marks.
+    # Left-padded prompts, as generate.generate lays them out: visual_slots finds what encode_example marks.
     prompt, answer = "Question: What color is the circle?\nResponse:", "The answer is B."
     encs = [data.encode_example(tok, prompt, answer, img, max_seq_len=512, n_visual=NV) for img in (True, False)]
     P = max(len(e["tokens"]) for e in encs) + 2
@@ -1833,17 +1834,17 @@ def test_data_tokenizer_found_in_an_hf_folder_and_tiktoken_refused(tmp_path, qui
 
 
 # =====================================================================================================================
-# evaluate.py: answer parsing, the score table, batched and sharded evaluation
+# generate.py: the one decoding path (batched, cached, packed, merged), streaming, chat prompts
 # =====================================================================================================================
 
-def test_evaluate_generation_batched_equals_alone_and_cache_equals_recompute():
+def test_generate_batched_equals_alone_and_cache_equals_recompute():
     model = tiny_lavin("mma").eval()
     tokens, has_image, vis_mask, images, _ = make_batch()
     prompts = [tokens[0, :7].tolist(), tokens[1].tolist(), tokens[2, :12].tolist()]
-    batched = evaluate.generate(model, prompts, has_image, images, max_new_tokens=5, eos_id=-1)
+    batched = generate.generate(model, prompts, has_image, images, max_new_tokens=5, eos_id=-1)
     for b in range(3):
         img = images[b - 1:b] if has_image[b] else None
-        assert evaluate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
+        assert generate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
         seq = list(prompts[b])
         for _ in range(5):  # full recomputation, no cache
             t = torch.tensor([seq])
@@ -1853,6 +1854,81 @@ def test_evaluate_generation_batched_equals_alone_and_cache_equals_recompute():
             seq.append(int(model(t, has_image[b:b + 1], vm, img)[0, -1].argmax()))
         assert seq[len(prompts[b]):] == batched[b]
 
+
+def test_generate_takes_packed_path_with_the_same_tokens():
+    # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
+    # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
+    # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
+    model = tiny_lavin("lora").eval()
+    model.merge(0)
+    seen = []
+    p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    p[:, 0] = 1
+    out = generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
+        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
+    assert seen == [True] * 6
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
+    lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
+    both = generate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
+    assert both == [generate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
+
+
+def test_generate_streaming_equals_plain(model, tok):
+    """The streamed pieces join to the non-streamed answer for the same seed (sampling, not greedy), and the seed
+    decides the answer."""
+    s = generate.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24)
+    p, img = prompt(tok, "What color is the circle?", True), images(1)[0]
+    pieces = []
+    streamed = generate.answer(model, tok, p, img, s, torch.Generator().manual_seed(3), on_text=pieces.append)
+    plain = generate.answer(model, tok, p, img, s, torch.Generator().manual_seed(3))
+    assert "".join(pieces) == streamed == plain
+    assert len(pieces) > 1  # it really streamed
+    assert generate.answer(model, tok, p, img, s, torch.Generator().manual_seed(4)) != plain
+
+
+def test_generate_merged_equals_unmerged(model, tok):
+    """Greedy generation with the adapters folded into q/k/v (README, difference 6) equals running them as modules,
+    for both modalities, and unmerging restores the modules."""
+    s = generate.Sampling(max_new_tokens=16)
+    for has_image in (False, True):
+        p = prompt(tok, "Which shape is red?", has_image)
+        img = images(1)[0] if has_image else None
+        unmerged = generate.answer(model, tok, p, img, s, None, merge=False)
+        merged = generate.answer(model, tok, p, img, s, None, merge=True)
+        assert model.merged_modality == int(has_image) and model.llama.layers[0].adapter_attn is None  # really folded
+        again = generate.answer(model, tok, p, img, s, None, merge=False)
+        assert model.merged_modality is None and model.llama.layers[0].adapter_attn is not None
+        assert unmerged == merged == again and len(merged) > 0, has_image
+
+
+def test_generate_batch_equals_alone(model, tok):
+    """A batch of prompts of four different lengths, mixing modalities, gives each prompt's tokens alone (greedy)."""
+    texts = ["hi", "Which shape is red? Look at the picture carefully.", "What is the capital of Peru?", "Where?"]
+    has = [True, False, True, False]
+    ps = [prompt(tok, t, h) for t, h in zip(texts, has)]
+    assert len({len(p) for p in ps}) == 4
+    imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
+    model.unmerge()  # a mixed batch needs the adapters as modules
+    batch = generate.generate(model, ps, has, imgs, max_new_tokens=12)
+    alone = [generate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], generate.generate(model, [ps[1]], [False], None, 12)[0],
+             generate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], generate.generate(model, [ps[3]], [False], None, 12)[0]]
+    assert batch == alone
+
+
+def test_generate_chat_prompt_follows_the_training_format(tok):
+    """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
+    line = "What color is the circle? (A) red (B) green"
+    ids = generate.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
+    expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
+    assert ids == data.encode_prompt(tok, expected, True, n_visual=NV)
+    ids = generate.chat_prompt(tok, {"chat": "instruction", "n_visual": NV}, [("hi", "hello")], line, False, 200)
+    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201, n_visual=NV)["tokens"].tolist()
+
+
+# =====================================================================================================================
+# evaluate.py: answer parsing, the score table, batched and sharded evaluation
+# =====================================================================================================================
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -1944,25 +2020,6 @@ def test_evaluate_eval_under_fsdp2(quiz):
     """train.py's end-of-training evaluation of an FSDP2-sharded model: ranks generate different batches, for
     different numbers of steps, without deadlocking, and agree with the unsharded model."""
     spawn(_fsdp_worker, quiz)
-
-
-def test_evaluate_generate_takes_packed_path_with_the_same_tokens():
-    # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
-    # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
-    # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
-    model = tiny_lavin("lora").eval()
-    model.merge(0)
-    seen = []
-    p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
-    p[:, 0] = 1
-    out = evaluate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
-        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
-    assert seen == [True] * 6
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
-    lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
-    both = evaluate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
-    assert both == [evaluate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
 
 
 # =====================================================================================================================
@@ -2260,48 +2317,6 @@ def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_pat
 # sample.py: generation, the chat, the command line
 # =====================================================================================================================
 
-def test_sample_streaming_equals_plain(model, tok):
-    """The streamed pieces join to the non-streamed answer for the same seed (sampling, not greedy), and the seed
-    decides the answer."""
-    s = sample.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24)
-    p, img = prompt(tok, "What color is the circle?", True), images(1)[0]
-    pieces = []
-    streamed = sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(3), on_text=pieces.append)
-    plain = sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(3))
-    assert "".join(pieces) == streamed == plain
-    assert len(pieces) > 1  # it really streamed
-    assert sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(4)) != plain
-
-
-def test_sample_generate_merged_equals_unmerged(model, tok):
-    """Greedy generation with the adapters folded into q/k/v (README, difference 6) equals running them as modules,
-    for both modalities, and unmerging restores the modules."""
-    s = sample.Sampling(max_new_tokens=16)
-    for has_image in (False, True):
-        p = prompt(tok, "Which shape is red?", has_image)
-        img = images(1)[0] if has_image else None
-        unmerged = sample.answer(model, tok, p, img, s, None, merge=False)
-        merged = sample.answer(model, tok, p, img, s, None, merge=True)
-        assert model.merged_modality == int(has_image) and model.llama.layers[0].adapter_attn is None  # really folded
-        again = sample.answer(model, tok, p, img, s, None, merge=False)
-        assert model.merged_modality is None and model.llama.layers[0].adapter_attn is not None
-        assert unmerged == merged == again and len(merged) > 0, has_image
-
-
-def test_sample_batch_equals_alone(model, tok):
-    """A batch of prompts of four different lengths, mixing modalities, gives each prompt's tokens alone (greedy)."""
-    texts = ["hi", "Which shape is red? Look at the picture carefully.", "What is the capital of Peru?", "Where?"]
-    has = [True, False, True, False]
-    ps = [prompt(tok, t, h) for t, h in zip(texts, has)]
-    assert len({len(p) for p in ps}) == 4
-    imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
-    model.unmerge()  # a mixed batch needs the adapters as modules
-    batch = evaluate.generate(model, ps, has, imgs, max_new_tokens=12)
-    alone = [evaluate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], evaluate.generate(model, [ps[1]], [False], None, 12)[0],
-             evaluate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], evaluate.generate(model, [ps[3]], [False], None, 12)[0]]
-    assert batch == alone
-
-
 def test_sample_scripted_session(ckpt, quiz):
     """Questions piped on stdin, with a bad image path, a sampling change, a good image and /quit: every question is
     answered, the bad path is reported and the session goes on, nothing is read after /quit."""
@@ -2329,21 +2344,11 @@ def test_sample_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     root = ckpt.parent.parent
     over = dict(llama_dir=str(root / "llama"), clip_path=str(root / "clip.pt"), tokenizer=str(quiz / "tokenizer.model"),
                 tau=model.adapter_args.tau, clip_every=1)
-    loaded, tok2, info = evaluate.load_for_inference(path, torch.device("cpu"), None, over)
+    loaded, tok2, info = generate.load_for_inference(path, torch.device("cpu"), None, over)
     assert info["prompt_format"] == "QCM-ALE" and info["norm"] == "imagenet" and info["image_size"] == 64
     p, img = prompt(tok, "Which shape is red?", True), images(1)[0]
-    s = sample.Sampling(max_new_tokens=12)
-    assert sample.answer(loaded, tok2, p, img, s, None) == sample.answer(model, tok, p, img, s, None)
-
-
-def test_sample_chat_prompt_follows_the_training_format(tok):
-    """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
-    line = "What color is the circle? (A) red (B) green"
-    ids = sample.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
-    expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
-    assert ids == data.encode_prompt(tok, expected, True, n_visual=NV)
-    ids = sample.chat_prompt(tok, {"chat": "instruction", "n_visual": NV}, [("hi", "hello")], line, False, 200)
-    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201, n_visual=NV)["tokens"].tolist()
+    s = generate.Sampling(max_new_tokens=12)
+    assert generate.answer(loaded, tok2, p, img, s, None) == generate.answer(model, tok, p, img, s, None)
 
 
 # =====================================================================================================================
@@ -2447,7 +2452,7 @@ def test_bench_reference_matches_ours():
         torch.testing.assert_close(model(ids, torch.zeros(2, dtype=torch.long), labels=labels),
                                    bench.reference_loss(R, ids, labels, train=False), rtol=1e-5, atol=1e-5)
     model.merge(0)
-    assert evaluate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
+    assert generate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
         bench.reference_generate(bench.reference_weights(model), ids, 8)
 
 
