@@ -248,15 +248,23 @@ class Streamer:
 
 
 def answer(model: LaVIN, tok, prompt_ids: list[int], image: torch.Tensor | None, s: Sampling, generator,
-           merge: bool = True, on_text=None) -> str:
+           merge: bool = True, on_text=None, on_token=None) -> str:
     """One prompt (data.py's layout: BOS, prefix, placeholders, text) and an optional image (3, S, S) -> the answer
-    text. With on_text, pieces of the answer are passed to it as they are generated."""
+    text. With on_text, pieces of the answer are passed to it as they are generated. on_token(id) sees every chosen
+    token first (EOS included); an exception it raises ends the generation there (demo.py's Stop)."""
     has_image = image is not None
     for_modality(model, int(has_image), merge)  # re-folds only when the modality changed since the last answer
     streamer = Streamer(tok, on_text) if on_text is not None else None
+
+    def step(next_tokens):  # (1,) the token just chosen
+        if on_token is not None:
+            on_token(int(next_tokens[0]))
+        if streamer is not None:
+            streamer(next_tokens)
+
     with inference_context(model):
         ids = generate(model, [prompt_ids], [has_image], image[None] if has_image else None, s.max_new_tokens,
-                       s.temperature, s.top_p, tok.eos_id, generator, on_token=streamer)[0]
+                       s.temperature, s.top_p, tok.eos_id, generator, on_token=step)[0]
     if streamer is not None:
         streamer.finish()  # whatever was held back (an incomplete character at the very end)
     return tok.decode(ids)
