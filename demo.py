@@ -9,7 +9,7 @@ demo is luogen1996/LaVIN demo.py, a gradio page: this one needs no dependency an
     curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Which is red?"}]}'
 
 Endpoints: GET / (demo.html), GET /health (503 while the model loads, 200 when ready), GET /v1/models, GET /info
-(what the page needs: examples, defaults, the router weights), POST /v1/chat/completions (OpenAI's chat format:
+(what the page needs: the model's kind, examples, sampling defaults), POST /v1/chat/completions (OpenAI's chat format:
 `content` a string or a list of text and image_url parts, the image as a data: URL; `stream` for server-sent events;
 temperature, top_p, max_tokens, seed). System messages are accepted and left out: LaVIN's templates have no place
 for one. Answers carry, beside OpenAI's fields, a `lavin` object: prompt tokens, time to first token, tokens/s and the
@@ -225,7 +225,7 @@ class App:
 
     def page_info(self) -> dict:
         return dict(model=MODEL_ID, chat=self.info["chat"], method=self.model.adapter_args.method,
-                    max_seq_len=self.model.llama.args.max_seq_len, examples=self.examples, routing=self.routing,
+                    max_seq_len=self.model.llama.args.max_seq_len, examples=self.examples,
                     defaults=dict(temperature=self.defaults.temperature, top_p=self.defaults.top_p,
                                   max_tokens=self.defaults.max_new_tokens))
 
@@ -308,7 +308,8 @@ def read_examples(root) -> list[dict]:
 
 
 def envelope(cid: str, obj: str, choice: dict, **fields) -> dict:
-    """OpenAI's frame of a chat completion (obj "chat.completion") or of one streamed piece ("chat.completion.chunk")."""
+    """OpenAI's frame of a chat completion (obj "chat.completion") or of one streamed piece (obj
+    "chat.completion.chunk")."""
     return dict(id=cid, object=obj, created=int(time.time()), model=MODEL_ID, choices=[dict(index=0, **choice)],
                 **fields)
 
@@ -391,8 +392,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        piece = lambda delta, end=None, **more: self.event(  # noqa: E731
-            envelope(cid, "chat.completion.chunk", dict(delta=delta, finish_reason=end), **more))
+
+        def piece(delta: dict, end=None, **more):
+            self.event(envelope(cid, "chat.completion.chunk", dict(delta=delta, finish_reason=end), **more))
+
         with app.line.turn(lambda ahead: self.write(f": queue {ahead}\n\n")):
             piece({"role": "assistant", "content": ""})
             r = app.run(job, lambda text: piece({"content": text}), self.gone)
