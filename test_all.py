@@ -2636,6 +2636,19 @@ def test_demo_page_in_headless_chromium(demo_server, quiz, tmp_path):
         assert "prompt tokens" in driver.find_element(By.CSS_SELECTOR, ".msg.assistant .meta").text
         driver.save_screenshot(str(tmp_path / "demo.png"))
         assert (tmp_path / "demo.png").stat().st_size > 0
+        # Regenerate replaces the answer (greedy: with the same text); a refused request shows the server's message
+        n = len(app.served)
+        driver.find_element(By.ID, "regen").click()
+        wait.until(lambda d: len(app.served) > n and d.find_element(By.TAG_NAME, "body").get_attribute("data-busy")
+                   == "0")
+        answers = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert len(answers) == 1 and answers[0].find_element(By.CSS_SELECTOR, ".text").text == shown
+        driver.execute_script("document.getElementById('max_tokens').value = 0")
+        driver.find_element(By.ID, "prompt").send_keys("And why?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert "max_tokens 0: must be" in driver.find_element(By.CSS_SELECTOR, ".msg.error .text").text
+        driver.execute_script("document.getElementById('max_tokens').value = 24")
         # Stop: the model is held, so the page waits in line (and says so); Stop ends its request on the server
         with app.line.turn(lambda ahead: None):
             driver.find_element(By.ID, "prompt").send_keys("And why?")
