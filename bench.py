@@ -62,7 +62,8 @@ from adapters import (LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALin
                       quantize_llama_)
 from clip_vit import VISION_PRESETS, VisionTransformer
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
-from evaluate import UserError, check_flags, cli, generate
+from evaluate import UserError, check_flags, cli
+from generate import generate
 from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
 from weights import save_safetensors
 

@@ -108,7 +108,7 @@ def visual_slots(tokens: torch.Tensor, has_image: torch.Tensor, n_visual: int,
                  pad: torch.Tensor | None = None) -> torch.Tensor:
     """sequence_head's inverse: where it put the placeholders of image rows, the first n_visual `0` ids after each
     row's BOS (at slot `pad`, 0 without left padding); the "Image: " prefix never encodes to id 0, <unk>. tokens
-    (B, T), has_image (B,) -> bool (B, T). For evaluate.generate, where no collate'd vis_mask is at hand."""
+    (B, T), has_image (B,) -> bool (B, T). For generate.generate, where no collate'd vis_mask is at hand."""
     B, T = tokens.shape
     pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
     idx = torch.arange(T, device=tokens.device)[None, :]  # (1, T)

@@ -14,7 +14,7 @@ on the sequence that data.sequence_head lays out:
 The modality token (position 0) is seen by no other position and drives every layer's router; the visual tokens are
 CLIP's class token after every 4th block, through a small neck. Only the adapters (adapters.py) train. Departures
 (README, "Differences from the official code"): per-image CLIP routing (1, clip_vit.py), text-only samples skip CLIP
-(2), re-parameterised adapters (6), fp32 loss (7); decoding (3-5) is evaluate.generate's. Part 3: building and
+(2), re-parameterised adapters (6), fp32 loss (7); decoding (3-5) is generate.generate's. Part 3: building and
 loading, from presets, pretrained backbones or a checkpoint (weights.load_checkpoint's): the one place every script gets
 a model from.
 

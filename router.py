@@ -19,7 +19,8 @@ A router looks at a summary of its input and decides how to mix a few parameter-
    Hard top-r has no gradient, so to let the routers learn we scale the chosen factors by their renormalised
    scores (README, difference 21); `mode="hard"` keeps the released code's dynamics.
 
-Used by adapters.py (MMAdapter, MixLoRALinear); tests: `python -m pytest -q test_all.py -k "test_router_ or
+Used by adapters.py (MMAdapter, MixLoRALinear); `routing_table`, the router's weights per layer and modality, by
+train.py and demo.py; tests: `python -m pytest -q test_all.py -k "test_router_ or
 mixlora"`.
 """
 
@@ -115,3 +116,20 @@ class FactorRouter(nn.Module):
         # W_A, W_B, W_AB and, through p_CFS, the chosen a-factors. The top-r choice itself stays non-differentiable.
         w = (g_a / g_a.sum(-1, keepdim=True)) * (g_b / g_b.sum(-1, keepdim=True)) * (r * r)  # (B, r)
         return idx_a, idx_b, w
+
+
+def routing_table(model) -> dict[int, list[list[float]]]:
+    """
+    What LaVIN's router gives each modality (0 text-only, 1 image) in every LLaMA layer: {modality: [[w0, w1] per
+    layer]}, the w of paper §3.2 (luogen1996/LaVIN lavin/mm_adapter.py, RepAdapter_Router). In eval mode (no adapter
+    dropout) the router reads only the modality token, which sees only itself, so w is one constant per modality
+    (LaVIN.routing_weights). train.py prints the table after training, demo.py shows it beside each answer. `model`
+    is a LaVIN with its MM-Adapters not folded (merge() removes them); other methods have no router: {}.
+    """
+    if model.adapter_args.method != "mma":
+        return {}
+    was = model.training
+    model.eval()
+    table = {m: [w.float().tolist() for w in model.routing_weights(m)] for m in (0, 1)}
+    model.train(was)
+    return table

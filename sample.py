@@ -1,6 +1,6 @@
 """
 Talk to a trained LaVIN: an interactive, streaming chat and a one-shot prompt, on the one generation path that
-evaluation uses too (evaluate.generate; Luo et al., NeurIPS 2023, §4.1; luogen1996/LaVIN demo.py,
+evaluation uses too (generate.py; Luo et al., NeurIPS 2023, §4.1; luogen1996/LaVIN demo.py,
 lavin/generator.py).
 
     python sample.py                                          # chat with the quick start's out/ckpt.pt (CPU is fine)
@@ -13,7 +13,7 @@ In the chat, type a question; `/image PATH` attaches an image (`/image` alone re
 `/max N` change the sampling, `/reset` starts a new conversation, `/quit` or Ctrl-D leaves. Answers stream token by
 token. Piped stdin works the same way, so a session can be scripted.
 
-What generation does, and where it departs from the official code (details in evaluate.generate): a static
+What generation does, and where it departs from the official code (details in generate.generate): a static
 KV cache, with the routing weights of every layer read once, at prefill, from the modality token; correct RoPE
 positions and an early stop at EOS (README, differences 3 and 5); by default the LLaMA-side adapters folded into
 q/k/v for the answer's modality (difference 6), so they cost nothing, `--no_merge` runs them as separate modules;
@@ -24,15 +24,13 @@ Tests: `python -m pytest -q test_all.py -k test_sample_`.
 
 import argparse
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import data
-from evaluate import (UserError, add_eval_flags, add_model_flags, cli, for_modality, generate, inference_context,
-                      inference_setup, prompt_budget, run, teardown_distributed)
+from evaluate import UserError, add_eval_flags, add_model_flags, cli, inference_setup, run, teardown_distributed
+from generate import Sampling, answer, chat_prompt, prompt_budget
 from model import LaVIN
 
 
@@ -45,82 +43,6 @@ def get_args(argv=None):
     p.add_argument("--eval", action="store_true", help="score a ScienceQA split instead (the same as evaluate.py)")
     add_eval_flags(p)
     return p.parse_args(argv)
-
-
-# =====================================================================================================================
-# Generation of one answer, streamed
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy: reproducible, and a batch gives what each prompt gives alone
-    top_p: float = 0.75  # the official eval's and demo's nucleus; only used when temperature > 0
-    max_new_tokens: int = 64  # the official eval's limit; generation stops earlier at EOS
-
-
-class Streamer:
-    """
-    evaluate.generate's on_token callback for a batch of one: prints the answer as it grows. Decoding each token alone
-    would lose the spaces: SentencePiece marks a word start with "▁" and decode() drops the leading space of the first
-    piece, so "▁is" alone decodes to "is". Instead we decode the whole answer so far and print only what is new
-    (gpt-fast's trick); a trailing U+FFFD means a multi-byte character is still incomplete, so we wait for the rest.
-    """
-
-    def __init__(self, tok: data.Tokenizer, write):
-        self.tok, self.write = tok, write
-        self.ids, self.shown, self.done = [], "", False
-
-    def __call__(self, next_tokens: torch.Tensor):  # (1,) the token just chosen
-        t = int(next_tokens[0])
-        self.done = self.done or t == self.tok.eos_id  # generate() keeps emitting EOS for finished rows
-        if self.done:
-            return
-        self.ids.append(t)
-        text = self.tok.decode(self.ids)  # O(answer length) per token: nothing next to a forward pass
-        if not text.endswith("\ufffd"):  # LLaMA's byte-fallback pieces spell rare characters byte by byte
-            self._emit(text)
-
-    def finish(self):
-        self._emit(self.tok.decode(self.ids))
-
-    def _emit(self, text):
-        # Decoding a longer list only appends (pieces map to fixed strings), so the new text is the suffix.
-        if len(text) > len(self.shown):
-            self.write(text[len(self.shown):])
-            self.shown = text
-
-
-def answer(model: LaVIN, tok, prompt_ids: list[int], image: torch.Tensor | None, s: Sampling, generator,
-           merge: bool = True, on_text=None) -> str:
-    """One prompt (data.py's layout: BOS, prefix, placeholders, text) and an optional image (3, S, S) -> the answer
-    text. With on_text, pieces of the answer are passed to it as they are generated."""
-    has_image = image is not None
-    for_modality(model, int(has_image), merge)  # re-folds only when the modality changed since the last answer
-    streamer = Streamer(tok, on_text) if on_text is not None else None
-    with inference_context(model):
-        ids = generate(model, [prompt_ids], [has_image], image[None] if has_image else None, s.max_new_tokens,
-                             s.temperature, s.top_p, tok.eos_id, generator, on_token=streamer)[0]
-    if streamer is not None:
-        streamer.finish()  # whatever was held back (an incomplete character at the very end)
-    return tok.decode(ids)
-
-
-def chat_prompt(tok, info: dict, turns: list, line: str, has_image: bool, budget: int) -> list[int]:
-    """
-    The prompt for a typed line. A chatbot (trained on instruction data) gets the whole conversation through
-    data.encode_dialogue, the one place the "Instruction: ...\\nResponse:" template lives. A model trained on ScienceQA
-    (the quick start's included) knows only that prompt format, so the line becomes one ScienceQA problem:
-    "What color is the circle? (A) red (B) green" gives the question and its options, context N/A, through
-    data.build_prompt; such a model answers one question at a time. `budget` excludes the modality token.
-    """
-    if info.get("chat") != "scienceqa":
-        enc = data.encode_dialogue(tok, turns + [(line, None)], has_image, budget + 1, n_visual=info["n_visual"])
-        return enc["tokens"].tolist()
-    parts = re.split(r"\(([A-E])\)", line)  # "q (A) x (B) y" -> ["q ", "A", " x ", "B", " y"]
-    problem = dict(question=parts[0].strip(), choices=[c.strip() for c in parts[2::2]], answer=0, hint="",
-                   lecture="", solution="")
-    ids = data.encode_prompt(tok, data.build_prompt(problem, info["prompt_format"])[0], has_image,
-                             n_visual=info["n_visual"])
-    return data.fit_prompt(tok, ids, has_image, budget, n_visual=info["n_visual"])
 
 
 # =====================================================================================================================

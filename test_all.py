@@ -7,8 +7,10 @@ checkpoints in ../shared skip cleanly where that folder is absent.
     python -m pytest -q test_all.py -k test_clip_   # one file's tests: test_<file>_ (test_robust_: errors)
 """
 import ast
+import base64
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -20,7 +22,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from argparse import Namespace
 from collections import OrderedDict
@@ -37,9 +42,10 @@ from PIL import Image
 
 import bench
 import data
+import demo
 import evaluate
+import generate
 import quiz as quizgen
-import sample
 import train
 from adapters import (DYN_MAP, DYN_MIDPOINTS, NF4_LEVELS, NF4_THRESHOLDS, AdapterArgs, LoRALinear, MMAdapter, NF4Linear,
                       NF4Weight, dynamic_codes, load_trainable, nf4_nbytes, quantize_llama_, quantize_nf4,
@@ -47,7 +53,7 @@ from adapters import (DYN_MAP, DYN_MIDPOINTS, NF4_LEVELS, NF4_THRESHOLDS, Adapte
 from bench import param_table
 from clip_vit import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VISION_PRESETS, VisionArgs, VisionTransformer,
                       load_clip, load_image, preprocess)
-from evaluate import PackedLinear
+from generate import PackedLinear
 from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_rope, build_lavin, count_params,
                    load_llama, rope_tables)
 from router import FactorRouter, default_tau
@@ -1295,11 +1301,11 @@ def test_adapters_fold_into_a_4bit_base(method):
     tokens, has_image, _, _, _ = make_batch()
     with torch.no_grad():
         ref = model(tokens[:1], has_image[:1])
-        gen = evaluate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
+        gen = generate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
         model.merge(0)
         assert isinstance(model.llama.layers[0].attention.wq.weight, nn.Parameter)  # a dense, merged copy
         torch.testing.assert_close(model(tokens[:1], has_image[:1]), ref, rtol=1e-4, atol=1e-4)
-        assert evaluate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
+        assert generate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4) == gen
         model.unmerge()
         assert isinstance(model.llama.layers[0].attention.wq.weight, NF4Weight)
         assert torch.equal(model(tokens[:1], has_image[:1]), ref)
@@ -1816,7 +1822,7 @@ def test_data_truncation_keeps_answer_start(quiz, tok):
 
 
 def test_data_visual_slots_invert_sequence_head_and_embed_needs_them(tok):
-    # Left-padded prompts, as evaluate.generate lays them out: visual_slots finds what encode_example marks.
+    # Left-padded prompts, as generate.generate lays them out: visual_slots finds what encode_example marks.
     prompt, answer = "Question: What color is the circle?\nResponse:", "The answer is B."
     encs = [data.encode_example(tok, prompt, answer, img, max_seq_len=512, n_visual=NV) for img in (True, False)]
     P = max(len(e["tokens"]) for e in encs) + 2
@@ -1958,17 +1964,17 @@ def test_data_tokenizer_found_in_an_hf_folder_and_tiktoken_refused(tmp_path, qui
 
 
 # =====================================================================================================================
-# evaluate.py: answer parsing, the score table, batched and sharded evaluation
+# generate.py: the one decoding path (batched, cached, packed, merged), streaming, chat prompts
 # =====================================================================================================================
 
-def test_evaluate_generation_batched_equals_alone_and_cache_equals_recompute():
+def test_generate_batched_equals_alone_and_cache_equals_recompute():
     model = tiny_lavin("mma").eval()
     tokens, has_image, vis_mask, images, _ = make_batch()
     prompts = [tokens[0, :7].tolist(), tokens[1].tolist(), tokens[2, :12].tolist()]
-    batched = evaluate.generate(model, prompts, has_image, images, max_new_tokens=5, eos_id=-1)
+    batched = generate.generate(model, prompts, has_image, images, max_new_tokens=5, eos_id=-1)
     for b in range(3):
         img = images[b - 1:b] if has_image[b] else None
-        assert evaluate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
+        assert generate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
         seq = list(prompts[b])
         for _ in range(5):  # full recomputation, no cache
             t = torch.tensor([seq])
@@ -1978,6 +1984,80 @@ def test_evaluate_generation_batched_equals_alone_and_cache_equals_recompute():
             seq.append(int(model(t, has_image[b:b + 1], vm, img)[0, -1].argmax()))
         assert seq[len(prompts[b]):] == batched[b]
 
+
+def test_generate_takes_packed_path_with_the_same_tokens():
+    # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
+    # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
+    # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
+    model = tiny_lavin("lora").eval()
+    model.merge(0)
+    seen = []
+    p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    p[:, 0] = 1
+    out = generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
+        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
+    assert seen == [True] * 6
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
+    lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
+    both = generate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
+    assert both == [generate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
+
+
+def test_generate_streaming_equals_plain(model, tok):
+    """The streamed pieces join to the non-streamed answer for the same seed (sampling, not greedy), and the seed
+    decides the answer."""
+    s = generate.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24)
+    p, img = prompt(tok, "What color is the circle?", True), images(1)[0]
+    pieces = []
+    streamed = generate.answer(model, tok, p, img, s, torch.Generator().manual_seed(3), on_text=pieces.append)
+    plain = generate.answer(model, tok, p, img, s, torch.Generator().manual_seed(3))
+    assert "".join(pieces) == streamed == plain
+    assert len(pieces) > 1  # it really streamed
+    assert generate.answer(model, tok, p, img, s, torch.Generator().manual_seed(4)) != plain
+
+
+def test_generate_merged_equals_unmerged(model, tok):
+    """Greedy generation with the adapters folded into q/k/v (README, difference 6) equals running them as modules,
+    for both modalities, and unmerging restores the modules."""
+    s = generate.Sampling(max_new_tokens=16)
+    for has_image in (False, True):
+        p = prompt(tok, "Which shape is red?", has_image)
+        img = images(1)[0] if has_image else None
+        unmerged = generate.answer(model, tok, p, img, s, None, merge=False)
+        merged = generate.answer(model, tok, p, img, s, None, merge=True)
+        assert model.merged_modality == int(has_image) and model.llama.layers[0].adapter_attn is None  # really folded
+        again = generate.answer(model, tok, p, img, s, None, merge=False)
+        assert model.merged_modality is None and model.llama.layers[0].adapter_attn is not None
+        assert unmerged == merged == again and len(merged) > 0, has_image
+
+
+def test_generate_batch_equals_alone(model, tok):
+    """A batch of prompts of four different lengths, mixing modalities, gives each prompt's tokens alone (greedy)."""
+    texts = ["hi", "Which shape is red? Look at the picture carefully.", "What is the capital of Peru?", "Where?"]
+    has = [True, False, True, False]
+    ps = [prompt(tok, t, h) for t, h in zip(texts, has)]
+    assert len({len(p) for p in ps}) == 4
+    imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
+    batch = generate.generate(model, ps, has, imgs, max_new_tokens=12)
+    alone = [generate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], generate.generate(model, [ps[1]], [False], None, 12)[0],
+             generate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], generate.generate(model, [ps[3]], [False], None, 12)[0]]
+    assert batch == alone
+
+
+def test_generate_chat_prompt_follows_the_training_format(tok):
+    """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
+    line = "What color is the circle? (A) red (B) green"
+    ids = generate.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
+    expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
+    assert ids == data.encode_prompt(tok, expected, True, n_visual=NV)
+    ids = generate.chat_prompt(tok, {"chat": "instruction", "n_visual": NV}, [("hi", "hello")], line, False, 200)
+    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201, n_visual=NV)["tokens"].tolist()
+
+
+# =====================================================================================================================
+# evaluate.py: answer parsing, the score table, batched and sharded evaluation
+# =====================================================================================================================
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -2069,25 +2149,6 @@ def test_evaluate_eval_under_fsdp2(quiz):
     """train.py's end-of-training evaluation of an FSDP2-sharded model: ranks generate different batches, for
     different numbers of steps, without deadlocking, and agree with the unsharded model."""
     spawn(_fsdp_worker, quiz)
-
-
-def test_evaluate_generate_takes_packed_path_with_the_same_tokens():
-    # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
-    # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
-    # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
-    model = tiny_lavin("lora").eval()
-    model.merge(0)
-    seen = []
-    p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
-    p[:, 0] = 1
-    out = evaluate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
-        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
-    assert seen == [True] * 6
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
-    lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
-    both = evaluate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
-    assert both == [evaluate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
 
 
 # =====================================================================================================================
@@ -2357,47 +2418,6 @@ def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_pat
 # sample.py: generation, the chat, the command line
 # =====================================================================================================================
 
-def test_sample_streaming_equals_plain(model, tok):
-    """The streamed pieces join to the non-streamed answer for the same seed (sampling, not greedy), and the seed
-    decides the answer."""
-    s = sample.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=24)
-    p, img = prompt(tok, "What color is the circle?", True), images(1)[0]
-    pieces = []
-    streamed = sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(3), on_text=pieces.append)
-    plain = sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(3))
-    assert "".join(pieces) == streamed == plain
-    assert len(pieces) > 1  # it really streamed
-    assert sample.answer(model, tok, p, img, s, torch.Generator().manual_seed(4)) != plain
-
-
-def test_sample_generate_merged_equals_unmerged(model, tok):
-    """Greedy generation with the adapters folded into q/k/v (README, difference 6) equals running them as modules,
-    for both modalities, and unmerging restores the modules."""
-    s = sample.Sampling(max_new_tokens=16)
-    for has_image in (False, True):
-        p = prompt(tok, "Which shape is red?", has_image)
-        img = images(1)[0] if has_image else None
-        unmerged = sample.answer(model, tok, p, img, s, None, merge=False)
-        merged = sample.answer(model, tok, p, img, s, None, merge=True)
-        assert model.merged_modality == int(has_image) and model.llama.layers[0].adapter_attn is None  # really folded
-        again = sample.answer(model, tok, p, img, s, None, merge=False)
-        assert model.merged_modality is None and model.llama.layers[0].adapter_attn is not None
-        assert unmerged == merged == again and len(merged) > 0, has_image
-
-
-def test_sample_batch_equals_alone(model, tok):
-    """A batch of prompts of four different lengths, mixing modalities, gives each prompt's tokens alone (greedy)."""
-    texts = ["hi", "Which shape is red? Look at the picture carefully.", "What is the capital of Peru?", "Where?"]
-    has = [True, False, True, False]
-    ps = [prompt(tok, t, h) for t, h in zip(texts, has)]
-    assert len({len(p) for p in ps}) == 4
-    imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
-    batch = evaluate.generate(model, ps, has, imgs, max_new_tokens=12)
-    alone = [evaluate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], evaluate.generate(model, [ps[1]], [False], None, 12)[0],
-             evaluate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], evaluate.generate(model, [ps[3]], [False], None, 12)[0]]
-    assert batch == alone
-
-
 def test_sample_scripted_session(ckpt, quiz):
     """Questions piped on stdin, with a bad image path, a sampling change, a good image and /quit: every question is
     answered, the bad path is reported and the session goes on, nothing is read after /quit."""
@@ -2425,21 +2445,318 @@ def test_sample_official_adapter_file(model, tok, quiz, ckpt, tmp_path):
     root = ckpt.parent.parent
     over = dict(llama_dir=str(root / "llama"), clip_path=str(root / "clip.pt"), tokenizer=str(quiz / "tokenizer.model"),
                 tau=model.adapter_args.tau, clip_every=1)
-    loaded, tok2, info = evaluate.load_for_inference(path, torch.device("cpu"), None, over)
+    loaded, tok2, info = generate.load_for_inference(path, torch.device("cpu"), None, over)
     assert info["prompt_format"] == "QCM-ALE" and info["norm"] == "imagenet" and info["image_size"] == 64
     p, img = prompt(tok, "Which shape is red?", True), images(1)[0]
-    s = sample.Sampling(max_new_tokens=12)
-    assert sample.answer(loaded, tok2, p, img, s, None) == sample.answer(model, tok, p, img, s, None)
+    s = generate.Sampling(max_new_tokens=12)
+    assert generate.answer(loaded, tok2, p, img, s, None) == generate.answer(model, tok, p, img, s, None)
 
 
-def test_sample_chat_prompt_follows_the_training_format(tok):
-    """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
-    line = "What color is the circle? (A) red (B) green"
-    ids = sample.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
-    expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
-    assert ids == data.encode_prompt(tok, expected, True, n_visual=NV)
-    ids = sample.chat_prompt(tok, {"chat": "instruction", "n_visual": NV}, [("hi", "hello")], line, False, 200)
-    assert ids == data.encode_dialogue(tok, [("hi", "hello"), (line, None)], False, 201, n_visual=NV)["tokens"].tolist()
+# =====================================================================================================================
+# demo.py: the web demo and its OpenAI-compatible API, against a live server; the page in headless Chromium
+# =====================================================================================================================
+
+@pytest.fixture(scope="module")
+def demo_server(ckpt):
+    """demo.py's server on an ephemeral loopback port, in threads of this process, with the tiny checkpoint loaded
+    as sample.py loads it. Before the model is in, /health answers 503. -> (app, base URL)."""
+    app = demo.App(generate.Sampling(max_new_tokens=24))
+    server = demo.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    assert http_call(url + "/health")[:2] == (503, {"status": "loading"})
+    assert http_call(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})[0] == 503
+    model, tok, info = generate.load_for_inference(ckpt, torch.device("cpu"))
+    app.load(model, tok, info)
+    yield app, url
+    server.shutdown()
+    server.server_close()
+
+
+def http_call(url, body=None, raw: bytes | None = None):
+    """GET (no body) or POST (a JSON body, or raw bytes) -> (status, the JSON answer or None, headers)."""
+    data_ = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data_, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, text, headers = r.status, r.read(), r.headers
+    except urllib.error.HTTPError as e:
+        status, text, headers = e.code, e.read(), e.headers
+    try:
+        return status, json.loads(text), headers
+    except ValueError:
+        return status, None, headers
+
+
+def sse_events(url, body) -> list:
+    """POST with stream: true -> the server-sent events' data, parsed ("[DONE]" as is)."""
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(dict(body, stream=True)).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.read().decode().split("\n\n") if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def streamed_text(events) -> str:
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+
+
+def image_message(text, image_url):
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def test_demo_answers_equal_sample_one_shot(demo_server, ckpt, quiz):
+    """The API's answers, streamed and not, equal sample.py's greedy one-shot answer for the same image and prompt,
+    token for token; the page's examples are the quiz's test problems, and the other endpoints answer."""
+    app, url = demo_server
+    rec = next(r for r in data.load_scienceqa(quiz, "test") if r.get("image"))
+    img = data.image_path(quiz, "test", rec["pid"])
+    ex = app.examples[0]
+    assert ex["image"] == data_url(img) and ex["question"].startswith(rec["question"] + " (A) ")
+    for msgs, flags in [(image_message(ex["question"], ex["image"]), ["--image", str(img)]),
+                        ([{"role": "user", "content": "Which shape is red?"}], [])]:
+        text = msgs[0]["content"] if not flags else ex["question"]
+        want = run(["sample.py", "--adapter", str(ckpt), "--prompt", text, "--max_new_tokens", "24"] + flags)
+        status, r, _ = http_call(url + "/v1/chat/completions", {"messages": msgs})
+        assert status == 200 and r["object"] == "chat.completion"
+        assert r["choices"][0]["message"]["content"] == want[:-1]  # sample.py ends the answer with a newline
+        events = sse_events(url, {"messages": msgs})
+        assert streamed_text(events) == want[:-1]
+        assert events[-2]["usage"] == r["usage"] and events[-2]["choices"][0]["finish_reason"] == \
+            r["choices"][0]["finish_reason"]
+        # token for token: the count of generate's own tokens for sample.py's prompt
+        has = bool(flags)
+        ids = generate.chat_prompt(app.tok, app.info, [], text, has, generate.prompt_budget(app.model))
+        image = data.load_image_tensor(img, 64, "imagenet") if has else None
+        alone = generate.generate(app.model, [ids], [has], image[None] if has else None, 24, eos_id=app.tok.eos_id)
+        assert r["usage"]["completion_tokens"] == len(alone[0]) and r["usage"]["prompt_tokens"] == len(ids)
+        lv = r["lavin"]
+        assert lv["router_weights"] == app.routing[int(has)] and len(lv["router_weights"]) == app.model.llama.args.n_layers
+        assert all(abs(sum(w) - 1) < 1e-5 for w in lv["router_weights"]) and lv["ttft_s"] > 0
+    assert http_call(url + "/health")[:2] == (200, {"status": "ok"})
+    assert http_call(url + "/v1/models")[1]["data"][0]["id"] == "lavin"
+    with urllib.request.urlopen(url + "/", timeout=30) as page:
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"] and b"<title>LaVIN" in page.read()
+
+
+def test_demo_two_concurrent_clients_each_get_their_own_answer(demo_server):
+    """Two clients at once, one with an image and one without: each gets the answer it gets alone."""
+    app, url = demo_server
+    ex = app.examples[1]
+    bodies = [{"messages": image_message(ex["question"], ex["image"])},
+              {"messages": [{"role": "user", "content": "What color is the circle? (A) red (B) green"}]}]
+    alone = [http_call(url + "/v1/chat/completions", b)[1]["choices"][0]["message"]["content"] for b in bodies]
+    together = [None, None]
+
+    def client(i):
+        together[i] = streamed_text(sse_events(url, bodies[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone and alone[0] != alone[1]
+
+
+def _open_stream(url, body) -> socket.socket:
+    """A raw streaming request: the socket, its response headers read."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=60)
+    payload = json.dumps(dict(body, stream=True)).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    return s
+
+
+def _read_until(s: socket.socket, marker: bytes) -> bytes:
+    got = b""
+    while marker not in got:
+        chunk = s.recv(4096)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+def _until(predicate, timeout=60):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_demo_stop_and_disconnect_free_the_model(demo_server):
+    """A client that leaves while waiting in line steps out of it (and is told the line first); a client that leaves
+    mid-answer ends the generation at the next token; the next request is then served."""
+    app, url = demo_server
+    msgs = [{"role": "user", "content": "Tell me about shapes."}]
+    with app.line.turn(lambda ahead: None):  # the test holds the model: the request waits
+        s = _open_stream(url, {"messages": msgs})
+        assert b": queue 1\n\n" in _read_until(s, b": queue 1")
+        s.close()
+        _until(lambda: len(app.line.queue) == 1)
+    # A long answer (no EOS within 128 tokens for this seed), left after its first piece of text.
+    body = {"messages": msgs, "temperature": 1.0, "max_tokens": 128}
+    seed = next(sd for sd in range(20) if http_call(url + "/v1/chat/completions", dict(body, seed=sd))[1][
+        "choices"][0]["finish_reason"] == "length")
+    n = len(app.served)
+    s = _open_stream(url, dict(body, seed=seed))
+    _read_until(s, b'"content": "')
+    s.close()
+    _until(lambda: len(app.served) > n)
+    assert app.served[-1]["ended"] == "stopped" and app.served[-1]["completion_tokens"] < 128
+    assert http_call(url + "/v1/chat/completions", {"messages": msgs})[0] == 200 and not app.line.queue
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _raw_request(url, head: bytes) -> tuple[int, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    status = int(got.split(b" ", 2)[1])
+    return status, json.loads(got.split(b"\r\n\r\n", 1)[1])
+
+
+def test_demo_bad_inputs_get_their_status_and_message(demo_server):
+    """Every bad request gets {"error": {"message"}} with its status; the server keeps serving afterwards."""
+    app, url = demo_server
+    png = _png_bytes()
+    b64 = lambda raw: "data:image/png;base64," + base64.b64encode(raw).decode()  # noqa: E731
+    user = lambda content: {"messages": [{"role": "user", "content": content}]}  # noqa: E731
+    img_part = lambda u: {"type": "image_url", "image_url": u}  # noqa: E731
+    cases = [
+        (b"{not json", 400, "malformed JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        ({}, 400, "messages: a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "role 'bot': must be one of system, user"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "a user message was expected"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400,
+         "the last message must be the user's"),
+        (user("   "), 400, "empty prompt"),
+        (user([{"type": "audio"}]), 400, "content[0]: a part is"),
+        (user([{"type": "text", "text": "q"}, img_part(b64(b"hello, not a picture"))]), 400, "not a readable image"),
+        (user([{"type": "text", "text": "q"}, img_part({"url": b64(png[:len(png) // 2])})]), 400, "truncated"),
+        (user([{"type": "text", "text": "q"}, img_part("data:image/png;base64,@@@")]), 400, "bad base64"),
+        (user([{"type": "text", "text": "q"}, img_part("/etc/passwd")]), 400, "opens no paths or links"),
+        (user([{"type": "text", "text": "q"}, img_part(b64(png)), img_part(b64(png))]), 400,
+         "2 images: the model takes one per conversation"),
+        (dict(user("q"), temperature=-1), 400, "temperature -1: must be >= 0"),
+        (dict(user("q"), top_p=0), 400, "top_p 0: must be in (0, 1]"),
+        (dict(user("q"), max_tokens=0), 400, "max_tokens 0: must be an integer in [1, 128]"),
+        (dict(user("q"), max_tokens=1.5), 400, "max_tokens 1.5"),
+        (dict(user("q"), seed="x"), 400, "seed \"x\""),
+        (dict(user("q"), stream="yes"), 400, "stream \"yes\": must be true or false"),
+    ]
+    for body, status, message in cases:
+        got, r, _ = http_call(url + "/v1/chat/completions", raw=body if isinstance(body, bytes) else None,
+                              body=None if isinstance(body, bytes) else body)
+        assert got == status and message in r["error"]["message"], (body, r)
+    big = demo.MAX_BODY + 1
+    assert _raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{" % big) \
+        == (413, {"error": {"message": f"the body is {big} bytes, over the limit of {demo.MAX_BODY} (16 MiB); send "
+                                       "a smaller image", "type": "invalid_request_error"}})
+    status, r = _raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 411 and "Content-Length" in r["error"]["message"]
+    assert http_call(url + "/nope")[0] == 404
+    # Over-long: fitted to the prompt budget as sample.py fits it, and the answer says so
+    status, r, _ = http_call(url + "/v1/chat/completions", user("why " * 400))
+    assert status == 200 and "no longer fits the model's" in r["lavin"]["note"]
+    assert r["usage"]["prompt_tokens"] == generate.prompt_budget(app.model)
+    assert http_call(url + "/health")[0] == 200
+    assert http_call(url + "/v1/chat/completions", user("hi"))[0] == 200
+
+
+def test_demo_command_line_errors(monkeypatch, capsys):
+    """A missing checkpoint names the command that makes it; a bad port is refused before anything loads."""
+    code, err = run_script("demo.py", ["--adapter", "/no/such/ckpt.pt"], monkeypatch, capsys)
+    assert code == 1 and "python train.py" in err and err.count("\n") == 1
+    code, err = run_script("demo.py", ["--port", "70000"], monkeypatch, capsys)
+    assert code == 1 and "--port 70000: must be in [0, 65535]" in err
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+def _chromium():
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install selenium)")
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver are absent (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,800"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_demo_page_in_headless_chromium(demo_server, quiz, tmp_path):
+    """The real page in headless Chromium: upload a quiz image, ask its question, the streamed answer equals the
+    API's; Stop while waiting in line ends the request; Clear empties the chat; a screenshot is written."""
+    app, url = demo_server
+    driver = _chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(url + "/")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-busy") == "0")
+        rec = next(r for r in data.load_scienceqa(quiz, "test") if r.get("image"))
+        img = data.image_path(quiz, "test", rec["pid"])
+        question = app.examples[0]["question"]
+        driver.find_element(By.ID, "file").send_keys(str(img))
+        wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png"))
+        driver.find_element(By.ID, "prompt").send_keys(question)
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .routing"))
+        shown = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .text").text
+        api = http_call(url + "/v1/chat/completions", {"messages": image_message(question, data_url(img))})[1]
+        assert shown == api["choices"][0]["message"]["content"].strip()  # .text: the page's text as rendered
+        assert "prompt tokens" in driver.find_element(By.CSS_SELECTOR, ".msg.assistant .meta").text
+        driver.save_screenshot(str(tmp_path / "demo.png"))
+        assert (tmp_path / "demo.png").stat().st_size > 0
+        # Regenerate replaces the answer (greedy: with the same text); a refused request shows the server's message
+        n = len(app.served)
+        driver.find_element(By.ID, "regen").click()
+        wait.until(lambda d: len(app.served) > n and d.find_element(By.TAG_NAME, "body").get_attribute("data-busy")
+                   == "0")
+        answers = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert len(answers) == 1 and answers[0].find_element(By.CSS_SELECTOR, ".text").text == shown
+        driver.execute_script("document.getElementById('max_tokens').value = 0")
+        driver.find_element(By.ID, "prompt").send_keys("And why?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert "max_tokens 0: must be" in driver.find_element(By.CSS_SELECTOR, ".msg.error .text").text
+        driver.execute_script("document.getElementById('max_tokens').value = 24")
+        # Stop: the model is held, so the page waits in line (and says so); Stop ends its request on the server
+        with app.line.turn(lambda ahead: None):
+            driver.find_element(By.ID, "prompt").send_keys("And why?")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: "waiting for the model: 1" in d.find_elements(By.CSS_SELECTOR, ".msg .meta")[-1].text)
+            driver.find_element(By.ID, "stop").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.stopped"))
+            _until(lambda: len(app.line.queue) == 1)
+        driver.find_element(By.ID, "clear").click()
+        assert driver.find_elements(By.CSS_SELECTOR, "#log .msg") == []
+        assert not driver.find_element(By.ID, "preview").is_displayed()
+    finally:
+        driver.quit()
 
 
 # =====================================================================================================================
@@ -2543,7 +2860,7 @@ def test_bench_reference_matches_ours():
         torch.testing.assert_close(model(ids, torch.zeros(2, dtype=torch.long), labels=labels),
                                    bench.reference_loss(R, ids, labels, train=False), rtol=1e-5, atol=1e-5)
     model.merge(0)
-    assert evaluate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
+    assert generate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
         bench.reference_generate(bench.reference_weights(model), ids, 8)
 
 

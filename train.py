@@ -49,7 +49,7 @@ from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
 from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
                       setup_distributed, teardown_distributed)
 from model import IGNORE, LaVIN, count_params, load_lavin, warmup_cosine
-from router import default_tau
+from router import default_tau, routing_table
 from weights import load_checkpoint, save_checkpoint
 
 
@@ -463,15 +463,12 @@ def evaluate_split(model: LaVIN, tok, args, rank, world):
 
 def show_routing(model: LaVIN) -> str:
     """The LLaMA-side routing weights each modality gets, per layer (a per-modality constant: paper §3.2)."""
-    if model.adapter_args.method != "mma":
+    table = routing_table(model)
+    if not table:
         return ""
-    was = model.training
-    model.eval()
     lines = ["router weights (w0, w1) per LLaMA layer:"]
     for m, name in ((0, "text-only"), (1, "image    ")):
-        ws = model.routing_weights(m)
-        lines.append(f"  {name}: " + "  ".join(f"({w[0]:.3f}, {w[1]:.3f})" for w in ws))
-    model.train(was)
+        lines.append(f"  {name}: " + "  ".join(f"({w0:.3f}, {w1:.3f})" for w0, w1 in table[m]))
     return "\n".join(lines)
 
 
