@@ -19,7 +19,7 @@ and then as one JSON object (also written to --json PATH):
     python bench.py --model 7B --methods mma,lora --quant nf4   # ... and again on a 4-bit base (LaVIN-lite, QLoRA)
     python bench.py --model 13B --seq pad512 --gpus 8    # 13B as the official code pads it (to 512 tokens)
     python bench.py --model 7B --methods full --batch_size 1   # full FT in pure bf16 (~56 GB + activations)
-    python bench.py --compare                            # instead: ours against a transformers + peft-style reference
+    python bench.py --compare --threads 1                # instead: ours against the real transformers + peft
     python bench.py --load_memory                        # instead: host memory of loading a sharded HF checkpoint
 
 No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
@@ -63,7 +63,7 @@ from adapters import (LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALin
 from clip_vit import VISION_PRESETS, VisionTransformer, save_safetensors
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
 from evaluate import UserError, check_flags, cli, generate
-from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
+from model import IGNORE, LLAMA_PRESETS, LaVIN, build_lavin, count_params, hf_to_meta_name, load_llama, unpermute
 
 # What the paper claims (Table 6 and the official README's model zoo), and what it trains on
 PAPER = {"7B": dict(trainable=3_781_296, hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),
@@ -112,7 +112,7 @@ def get_args(argv=None):
     p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
                    "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
     p.add_argument("--compare", action="store_true",
-                   help="instead: the side-by-side against a transformers-style reference (see compare)")
+                   help="instead: ours against the real transformers LLaMA + peft LoRA, if installed (see compare)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     args = p.parse_args(argv)
@@ -211,21 +211,26 @@ def batch_flops(fm: dict, batch_len, batch_size: int, n_images) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainable parameters by method at the real shapes
 
-# The rows of the method comparison: (label, AdapterArgs overrides). LoRA at two ranks of the LLaVA scaling study.
-METHOD_ROWS = [("MMA (LaVIN)", dict(method="mma")), ("LoRA r=8", dict(method="lora", lora_rank=8)),
-               ("LoRA r=64", dict(method="lora", lora_rank=64)),
-               ("MixLoRA E=16 r=4", dict(method="mixlora", mix_pool=16, mix_rank=4)), ("Full", dict(method="full"))]
+# The rows of the method comparison at the real shapes: LoRA at two ranks of the LLaVA scaling study.
+METHOD_ROWS = [AdapterArgs(method="mma"), AdapterArgs(method="lora", lora_rank=8), AdapterArgs(method="lora"),
+               AdapterArgs(method="mixlora"), AdapterArgs(method="full")]
+
+
+def method_label(a: AdapterArgs) -> str:
+    """The one name of a method's rows in every table: MMA (LaVIN), LoRA r=64, MixLoRA E=16 r=4, Full."""
+    return {"mma": "MMA (LaVIN)", "lora": f"LoRA r={a.lora_rank}", "mixlora": f"MixLoRA E={a.mix_pool} r={a.mix_rank}",
+            "full": "Full"}[a.method]
 
 
 def param_table(sizes=("7B", "13B")) -> list[dict]:
     """Trainable parameters and fp32 checkpoint size by method for LaVIN at the real shapes, on the meta device."""
     rows = []
     for size in sizes:
-        for label, over in METHOD_ROWS:
-            trainable, total = count_params(build_lavin(size, "ViT-L/14", AdapterArgs(**over), device="meta"))
-            rows.append({"model": f"LaVIN-{size}", "method": label, "trainable": trainable, "total": total,
+        for a in METHOD_ROWS:
+            trainable, total = count_params(build_lavin(size, "ViT-L/14", a, device="meta"))
+            rows.append({"model": f"LaVIN-{size}", "method": method_label(a), "trainable": trainable, "total": total,
                          "share_%": 100 * trainable / total, "ckpt_MB": trainable * 4 / 1e6,
-                         "paper": PAPER[size]["trainable"] if over["method"] == "mma" else None})
+                         "paper": PAPER[size]["trainable"] if a.method == "mma" else None})
     return rows
 
 
@@ -454,8 +459,8 @@ def bench_method(method: str, quant, args, amp, dtype, batch: dict, useful_token
     times = measure_train(model, batch, args, amp)
     t = statistics.median(times)  # the median shrugs off a step that a neighbour process or a GC pause slowed
     mem, mem_kind = peak_memory_gb(args.device)
-    label = {"mma": "MMA (LaVIN)", "lora": f"LoRA r={args.lora_rank}", "mixlora": "MixLoRA E=16 r=4", "full": "Full"}
-    row = {"method": method, "quant": quant, "label": label[method] + ("/NF4" if quant else ""), "trainable": trainable,
+    label = method_label(model.adapter_args) + ("/NF4" if quant else "")
+    row = {"method": method, "quant": quant, "label": label, "trainable": trainable,
            "total": total, "step_ms": 1e3 * t, "step_ms_all": [1e3 * x for x in times], "tokens_s": B * T / t,
            "useful_tokens_s": useful_tokens / t, "samples_s": B / t, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
            "frozen_gb": sum(x.nbytes for x in [*model.parameters(), *model.buffers()] if not x.requires_grad) / 1e9,
@@ -613,160 +618,151 @@ def print_nf4(result: dict, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Side by side with what users would otherwise pick (--compare). transformers and peft are not dependencies, so the peer
-# is a plain re-implementation of the same math as transformers' eager LlamaForCausalLM: rotate_half RoPE (wq/wk rows
-# permuted as HF's convert_llama_weights_to_hf.py does), repeat_kv, an explicit additive mask, a KV cache grown by
-# concatenation, the head on the last position only at generation (their logits_to_keep), and peft-style LoRA with its
-# own dropout and scaling per linear. The same weights give the same loss and the same greedy tokens as ours.
+# Side by side with what users would otherwise pick (--compare): the real transformers LlamaForCausalLM with a peft
+# LoRA, imported only here (neither is a dependency of the project). Their model is built first, with its own random
+# init, and written by its own save_pretrained; ours loads that folder through model.load_llama, and the LoRA factors
+# are copied over, so both hold the same weights. One process, the same threads, interleaved turns.
 
-COMPARE = dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1408, vocab_size=32000)  # LoRA r=8 on all seven linears
-
-
-def reference_weights(model) -> dict:
-    """Our LaVIN's LLaMA weights in transformers' layout: {name: (W, A, B, scaling, dropout)} per layer; A is None
-    for a merged LoRA, which is then a plain linear (peft's merge_and_unload)."""
-    llama = model.llama
-    H, D = llama.args.n_heads, llama.args.head_dim
-    perm = lambda w: w.view(H, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)  # interleaved -> halves
-    layers = []
-    for layer in llama.layers:
-        a, f = layer.attention, layer.feed_forward
-        lins = {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "gate": f.w1, "up": f.w3, "down": f.w2}
-        layers.append({n: ((perm(m.weight) if n in "qk" else m.weight), None if m.merged else m.lora_A,
-                           perm(m.lora_B) if n in "qk" else m.lora_B, m.scaling, m.dropout.p) for n, m in lins.items()})
-        layers[-1].update(ln1=layer.attention_norm.weight, ln2=layer.ffn_norm.weight)
-    return {"layers": layers, "emb": llama.tok_embeddings.weight, "norm": llama.norm.weight,
-            "head": llama.output.weight, "H": H, "eps": llama.args.norm_eps, "theta": llama.args.rope_theta}
+# Two shapes of the same blocks: at the first the 32,000-word head is 39% of the matmul weights, so computing it only
+# where a label is (model.LaVIN.forward) dominates the training gain; at the second (vocab 2,000) it is 4%, about
+# LLaMA-7B's 2%, so what remains is the blocks themselves.
+COMPARE_SHAPES = {"vocab 32000": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                      intermediate_size=1408, vocab_size=32000),
+                  "vocab 2000": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                     intermediate_size=1408, vocab_size=2000)}
+COMPARE_LORA = AdapterArgs(method="lora", lora_rank=8)  # alpha 16, dropout 0.05, all seven linears, as peft's below
 
 
-def reference_forward(R, ids, pos0: int, cache=None, train=False, last_only=False):
-    """ids (B, T) at RoPE positions pos0.. (ours puts the modality token at 0, so prompts start at 1) -> logits."""
-    def lora(x, w):  # peft's Linear: base(x) + lora_B(lora_A(dropout(x))) * scaling
-        W, A, Bm, s, p = w
-        y = F.linear(x, W)
-        return y if A is None else y + F.linear(F.linear(F.dropout(x, p, train), A), Bm) * s
-
-    def rms(x, w):
-        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + R["eps"])).to(x.dtype)
-
-    def rot(x):  # rotate_half
-        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
-
-    B, T = ids.shape
-    H = R["H"]
-    h = R["emb"][ids]  # (B, T, C)
-    D = h.shape[-1] // H
-    past = cache[0][0].shape[2] if cache else 0
-    inv = 1.0 / (R["theta"] ** (torch.arange(0, D, 2).float() / D))
-    fr = torch.outer(torch.arange(pos0 + past, pos0 + past + T).float(), inv)
-    cos, sin = torch.cat((fr, fr), -1).cos(), torch.cat((fr, fr), -1).sin()  # (T, D)
-    mask = torch.full((T, past + T), float("-inf")).triu(past + 1)  # (T, S) additive causal mask
-    for i, L in enumerate(R["layers"]):
-        x = rms(h, L["ln1"])
-        q, k, v = (lora(x, L[n]).view(B, T, -1, D).transpose(1, 2) for n in ("q", "k", "v"))  # (B, H, T, D)
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        if cache is not None:
-            if len(cache) > i:
-                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-                cache[i] = (k, v)
-            else:
-                cache.append((k, v))
-        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # repeat_kv
-        att = torch.softmax((q @ k.transpose(2, 3) / math.sqrt(D) + mask).float(), -1).to(q.dtype) @ v
-        h = h + lora(att.transpose(1, 2).reshape(B, T, -1), L["o"])
-        x = rms(h, L["ln2"])
-        h = h + lora(F.silu(lora(x, L["gate"])) * lora(x, L["up"]), L["down"])
-    h = rms(h, R["norm"])
-    return F.linear(h[:, -1:] if last_only else h, R["head"]).float()
-
-
-def reference_generate(R, ids, new: int) -> list[list[int]]:
-    cache, out, x = [], [], ids
-    for _ in range(new):
-        out.append(reference_forward(R, x, 1, cache, last_only=True)[:, -1].argmax(-1))  # (B,)
-        x = out[-1][:, None]
-    return torch.stack(out, 1).tolist()
-
-
-def reference_loss(R, ids, labels, train=True):
-    logits = reference_forward(R, ids, 1, train=train)  # transformers: position t predicts label t + 1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
-
-def compare_models(cfg: dict, seed: int = 0):
-    """Ours (LaVIN with LoRA r=8 on the seven linears, tiny CLIP) with random weights, and its reference view."""
+def compare_pair(cfg: dict, folder: str, seed: int):
+    """(ours: a LaVIN with LoRA on the LLaMA transformers wrote, theirs: that LlamaForCausalLM under a peft LoRA)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
-    model = LaVIN(Transformer(ModelArgs(**cfg)), VisionTransformer(VISION_PRESETS["tiny"]),
-                  AdapterArgs(method="lora", lora_rank=8))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **cfg, rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=1, eos_token_id=None, pad_token_id=0))
+    hf.save_pretrained(folder)
+    a = COMPARE_LORA
+    theirs = get_peft_model(hf, LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=a.lora_dropout,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]))
+    ours = LaVIN(load_llama(folder), VisionTransformer(VISION_PRESETS["tiny"]), a)
+    mine = dict(ours.llama.named_parameters())
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)  # the LoRA B too, so the updates are not zero
-    return model, reference_weights(model)
+        for name, p in theirs.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.02)  # peft starts B at zero; random, so the updates are not trivially zero
+            if ".lora_" in name:
+                ours_name, to_ours = peft_twin(name, ours.llama.args)
+                mine[ours_name].copy_(to_ours(p))
+    return ours, theirs
 
 
-def race(ours, ref, args) -> dict:
-    """Median times of ours and the reference over --steps runs after --warmup, interleaved (turns alternate who goes
-    first, so a neighbour's load hits both); ratio < 1: ours is faster."""
+def peft_twin(name: str, args) -> tuple:
+    """A peft LoRA factor's name -> (our LLaMA's name for it, the map of its values to ours): ...layers.0.self_attn.
+    q_proj.lora_B.default.weight -> layers.0.attention.wq.lora_B, whose rows are q's outputs, which HF's layout
+    permutes (load_llama's unpermute). For weights and gradients alike."""
+    stem, factor = name.removeprefix("base_model.model.").split(".lora_")
+    meta = hf_to_meta_name(stem + ".weight").removesuffix(".weight")
+    heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}.get(meta.split(".")[-1])
+    permuted = heads is not None and factor[0] == "B"
+    return f"{meta}.lora_{factor[0]}", (lambda t: unpermute(t, heads)) if permuted else (lambda t: t)
+
+
+def race(ours, theirs, args) -> dict:
+    """Median times of ours and theirs over --steps runs after --warmup, interleaved (turns alternate who goes first,
+    so a neighbour's load hits both); ratio < 1: ours is faster."""
     times = ([], [])
     for i in range(args.warmup + args.steps):
         for j in ((0, 1) if i % 2 == 0 else (1, 0)):
             t0 = time.perf_counter()
-            (ours, ref)[j]()
+            (ours, theirs)[j]()
             if i >= args.warmup:
                 times[j].append(time.perf_counter() - t0)
     o, r = (statistics.median(t) for t in times)
     pair = [a / b for a, b in zip(*times)]
-    return {"ours_ms": 1e3 * o, "ref_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
+    return {"ours_ms": 1e3 * o, "theirs_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
 
 
-def compare(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128) -> dict:
-    """A LoRA training step and greedy generation at batch 1 and 8, ours against the reference, same weights."""
-    model, R = compare_models(cfg, args.seed)
+def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, dict]:
+    """The LoRA training step with labels on every position and on the answer only, then greedy generation of the
+    merged models at batch 1 and 8: {row: race result + agreement}, and what their side ran with."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs = compare_pair(cfg, folder, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     B, T = batch
     ids = torch.randint(3, cfg["vocab_size"], (B, T), generator=g)
     ids[:, 0] = 1
-    labels = torch.full_like(ids, IGNORE)
-    labels[:, 3 * T // 4:] = ids[:, 3 * T // 4:]  # the last quarter is the answer, as make_batch
+    every = ids.clone()
+    every[:, 0] = IGNORE  # transformers shifts: nothing predicts the first token (ours would, from the modality token)
+    answer = torch.full_like(ids, IGNORE)
+    answer[:, 3 * T // 4:] = ids[:, 3 * T // 4:]  # the last quarter is the answer, as make_batch
     text = torch.zeros(B, dtype=torch.long)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opts = [torch.optim.AdamW(trainable, lr=1e-4), torch.optim.AdamW(trainable, lr=1e-4)]
+    # lr 0: AdamW does all its work, but the weights stay equal (each side draws its own dropout masks, so their
+    # gradients differ), and the losses and tokens compared afterwards still come from the same weights.
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (ours, theirs)]
 
     def step(loss, opt):
         loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model.eval()
-    with torch.no_grad():
-        gap = abs(model(ids, text, labels=labels).item() - reference_loss(R, ids, labels, False).item())
-    model.train()
-    rows = {"LoRA step": race(lambda: step(lambda: model(ids, text, labels=labels), opts[0]),
-                              lambda: step(lambda: reference_loss(R, ids, labels), opts[1]), args)}
-    model.eval()
-    model.merge(0)  # generation serves a merged model, as sample.py does (and peft's merge_and_unload)
-    Rm = reference_weights(model)
+    rows = {}
+    for name, labels in (("train, every label", every), ("train, answer only", answer)):
+        ours.eval(), theirs.eval()
+        with torch.no_grad():  # same weights, same loss: dropout off
+            gap = abs(ours(ids, text, labels=labels).item() - theirs(input_ids=ids, labels=labels).loss.item())
+        ours.train(), theirs.train()
+        rows[name] = race(lambda: step(lambda: ours(ids, text, labels=labels), opts[0]),
+                          lambda: step(lambda: theirs(input_ids=ids, labels=labels).loss, opts[1]), args)
+        rows[name]["same"] = f"loss gap {gap:.0e}"
+    ours.eval()
+    ours.merge(0)  # generation serves merged models: ours as sample.py does, theirs by peft's merge_and_unload
+    hf = theirs.merge_and_unload().eval()
     with torch.no_grad():
         for b in (1, 8):
             p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
             p[:, 0] = 1
-            ours = lambda: generate(model, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
-            ref = lambda: reference_generate(Rm, p, new)
-            rows[f"generate b={b}"] = race(ours, ref, args) | {"same_tokens": ours() == ref()}
-    model.unmerge()
-    print(f"== Ours vs a transformers-style reference (a re-implementation of transformers' eager LLaMA + peft LoRA, "
-          f"not the library), {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, dim "
-          f"{cfg['dim']}, {cfg['n_layers']} layers, FFN {cfg['hidden_dim']}, vocab {cfg['vocab_size']}, LoRA r=8; "
-          f"train {B} x {T}, generate {prompt} + {new} tokens; loss gap {gap:.1e} ==")
-    table(["", "ours ms", "ref ms", "ratio", "pairwise", "same tokens"],
-          [[name, f"{r['ours_ms']:.0f}", f"{r['ref_ms']:.0f}", f"{r['ratio']:.2f}",
-            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", {None: "-", True: "yes", False: "NO"}[r.get("same_tokens")]]
-           for name, r in rows.items()])
-    print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ratio < 1: ours is faster")
-    return {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "loss_gap": gap, "rows": rows}
+            mine = lambda: generate(ours, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
+            their = lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new, do_sample=False,
+                                        return_dict_in_generate=True)
+            rows[f"generate, batch {b}"] = race(mine, their, args)
+            out = their()
+            same = mine() == out.sequences[:, prompt:].tolist()
+            rows[f"generate, batch {b}"]["same"] = "same tokens" if same else "TOKENS DIFFER"
+    side = {"attention": hf.config._attn_implementation, "cache": type(out.past_key_values).__name__}
+    head = ours.llama.output.weight.numel()
+    side["head_%"] = 100 * head / (head + sum(p.numel() for n, p in ours.llama.layers.named_parameters()
+                                              if p.dim() == 2 and not p.requires_grad))
+    return rows, side
 
+
+def compare(args, shapes=COMPARE_SHAPES, batch=(4, 256), prompt=32, new=128) -> dict:
+    """Ours against transformers + peft at each shape: ratio table ours / theirs, medians of interleaved runs."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        raise UserError("--compare races the real transformers + peft, which are not installed here: "
+                        "pip install transformers peft") from None
+    transformers.logging.set_verbosity_error()  # their generate's notes on absent generation settings
+    transformers.logging.disable_progress_bar()  # and save_pretrained's
+    result = {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "shapes": {}}
+    for name, cfg in shapes.items():
+        rows, side = compare_shape(cfg, args, batch, prompt, new)
+        result["shapes"][name] = {"rows": rows, **side}
+    first = next(iter(result["shapes"].values()))
+    print(f"== Ours vs transformers {result['transformers']} LlamaForCausalLM + peft {result['peft']} LoRA "
+          f"(attention {first['attention']}, generate's cache {first['cache']}), torch {torch.__version__}, "
+          f"{args.device}, {result['threads']} threads, fp32; same weights; LoRA r={COMPARE_LORA.lora_rank} on all "
+          f"seven linears; train {batch[0]} x {batch[1]} tokens, generate {prompt} + {new} tokens greedy ==")
+    table(["shape", "", "ours ms", "theirs ms", "ours/theirs", "pairwise", "agree"],
+          [[f"{name} (head {s['head_%']:.0f}%)", row, f"{r['ours_ms']:.0f}", f"{r['theirs_ms']:.0f}",
+            f"{r['ratio']:.2f}", f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", r["same"]]
+           for name, s in result["shapes"].items() for row, r in s["rows"].items()], left=2)
+    print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ours/theirs < 1: ours is faster; "
+          f"head: the vocabulary head's share of the matmul weights")
+    return result
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Peak host memory of loading a Hugging Face checkpoint: python bench.py --load_memory (on its own; Linux)
