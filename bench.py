@@ -23,19 +23,16 @@ and then as one JSON object (also written to --json PATH):
     python bench.py --load_memory                        # instead: host memory of loading a sharded HF checkpoint
 
 No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
-materialised on the GPU with `to_empty` and filled with random numbers.
-
-FLOPs and MFU with a frozen base. nanoGPT's 6N per token assumes every weight trains: 2N forward, 2N for the input
-gradients, 2N for the weight gradients. A frozen weight that gradients must pass through (every LLaMA weight here, since
-the adapters and the visual neck sit at its input) skips the weight gradient and costs 4N; a frozen weight with nothing
-trainable below it (CLIP under LoRA, which runs under no_grad) costs 2N. So per LLaMA token
+materialised on the GPU with `to_empty` and filled with random numbers. FLOPs and MFU with a frozen base: nanoGPT's 6N
+per token assumes every weight trains (2N forward, 2N input gradients, 2N weight gradients). A frozen weight that
+gradients must pass through (every LLaMA weight here: adapters and neck sit at its input) costs 4N; one with nothing
+trainable below it (CLIP under LoRA, run under no_grad) costs 2N. So per LLaMA token
 
     F(T) = 4 N_frozen + 6 N_trainable + 12 L d T            (T: the padded sequence length the kernels really process)
 
-plus the CLIP tower once per image. MFU = (F per step / step time) / device peak: the share of the peak spent on work
-the method cannot avoid (a frozen base counted as 6N would inflate it about 1.5x). Decoding is memory-bound, so part 4
-reports bandwidth (weight bytes read per second), not MFU. The extrapolation holds the measured FLOP/s at every length,
-scales perfectly across --gpus devices and loads no data; for the tiny CPU model it describes that toy, not LaVIN-7B.
+plus the CLIP tower once per image. MFU = (F per step / step time) / device peak (a frozen base counted as 6N would
+inflate it 1.5x). Decoding is memory-bound: part 4 reports weight bytes read per second. The extrapolation holds the
+measured FLOP/s at every length and scales perfectly across --gpus; for the tiny CPU model it describes that toy.
 
 Tests: python -m pytest -q test_all.py -k test_bench_
 """
@@ -79,40 +76,32 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A1
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the docstring of bench.py for the "
-                                "FLOP model and what MFU means with a frozen base.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See bench.py's docstring for the FLOP model.")
     p.add_argument("--model", default="tiny", choices=list(LLAMA_PRESETS),
                    help="LLaMA shapes of the measured step (default tiny; 7B/13B: random weights, need a GPU)")
-    p.add_argument("--vision", default=None, choices=list(VISION_PRESETS),
-                   help="CLIP tower (default: tiny for --model tiny, ViT-L/14 otherwise)")
-    p.add_argument("--methods", default=None, help="comma list of " + ",".join(METHODS) + " (default: all four on "
-                   "CPU, where the tiny model makes them cheap; mma on a GPU, where each 7B build takes a while)")
+    p.add_argument("--vision", choices=list(VISION_PRESETS), help="CLIP tower (default: tiny for tiny, else ViT-L/14)")
+    p.add_argument("--methods", help="comma list of " + ",".join(METHODS) + " (default: all four on CPU, where the "
+                   "tiny model makes them cheap; mma on a GPU, where each 7B build takes a while)")
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank of the measured lora row (default 64, LLaVA's)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per device per step (default 4, the official)")
-    p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"],
-                   help="lengths: real ScienceQA distribution padded to each batch's longest (default, as our "
-                        "data.collate), or every sample padded to 512 (as the official loader)")
+    p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"], help="lengths: ScienceQA's, padded "
+                   "to each batch's longest (default, as data.collate), or all padded to 512 (the official loader)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first: allocator, cuBLAS heuristics, compile")
     p.add_argument("--gpus", type=int, default=8, help="N devices for the extrapolation (default 8, as the paper)")
     p.add_argument("--epochs", type=int, default=20, help="ScienceQA epochs to extrapolate to (default 20)")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="device peak for MFU and the floor (default: looked up for A100/H100/H200 in bf16)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="frozen weights and autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: looked up for A100/H100/H200 bf16)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="frozen weights and autocast dtype (default: bf16 on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
     p.add_argument("--quant", choices=["nf4"], help="also measure every adapter method on a 4-bit NF4 base (QLoRA, "
                    "LaVIN-lite), beside the --dtype base")
     p.add_argument("--gen_tokens", type=int, default=16, help="new tokens per prompt in part 4 (default 16)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default on CPU: 1; the tiny model's 128-wide matmuls gain little "
-                        "from more, and on a shared machine threads that wait for busy cores make steps up to 10x "
-                        "slower and the timings noise; on GPU: torch's choice)")
-    p.add_argument("--json", default=None, help="also write the JSON result to this path")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default on CPU: 1; the tiny model gains little "
+                   "from more, and on a shared machine threads waiting for busy cores make steps up to 10x slower)")
+    p.add_argument("--json", help="also write the JSON result to this path")
     p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
                    "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
-    p.add_argument("--compare", action="store_true",
-                   help="instead: ours against the real transformers LLaMA + peft LoRA, if installed (see compare)")
+    p.add_argument("--compare", action="store_true", help="instead: ours against transformers + peft (see compare)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     args = p.parse_args(argv)
@@ -293,12 +282,9 @@ def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: i
 # Building, timing
 
 def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, seed: int, quant=None):
-    """
-    A LaVIN with random weights at the preset's shapes, built the way a 7B must be: on the meta device (free), cast
-    there, then materialised on `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU,
-    as the paper keeps them in fp16); trainable ones stay fp32 masters under autocast, except for full fine-tuning in
-    bf16, where fp32 masters plus AdamW state of a 7B (~112 GB) fit no single GPU, so everything stays bf16.
-    """
+    """A LaVIN with random weights, built as a 7B must be: on the meta device (free), cast there, materialised on
+    `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU); trainable ones stay fp32
+    masters under autocast, except full fine-tuning, whose fp32 masters + AdamW state at 7B (~112 GB) fit no GPU."""
     model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank), device="meta").to(dtype)
     for p in model.parameters():
         if p.requires_grad and method != "full":
@@ -320,6 +306,18 @@ def sync(device):
         torch.cuda.synchronize(device)  # CUDA calls return before the GPU finishes: time only finished work
 
 
+def timed(fn, device, runs: int = 1) -> list[float]:
+    """Seconds of each of `runs` calls of fn, from an idle device to a finished one."""
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def peak_memory_gb(device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "GiB allocated (CUDA)"
@@ -335,20 +333,19 @@ def measure_train(model, batch: dict, args, amp) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                             weight_decay=0.02, fused=args.device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model  # generation keeps the plain one (shapes change)
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync(args.device)  # start the clock with the GPU idle
-        t0 = time.perf_counter()
+    losses = []
+
+    def step():
         with amp:
             loss = step_model(**batch)  # forward + the cross-entropy on labelled positions (model.LaVIN.forward)
         loss.backward()  # outside autocast, as recommended: backward ops reuse the forward's dtypes
         opt.step()
         opt.zero_grad(set_to_none=True)  # frees the gradients between steps, as train.py does
-        sync(args.device)  # stop it once the GPU has finished the step, not when Python has queued it
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    if not math.isfinite(loss.item()):
-        raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
+        losses.append(loss.detach())
+
+    times = timed(step, args.device, args.warmup + args.steps)[args.warmup:]
+    if not math.isfinite(losses[-1].item()):
+        raise RuntimeError(f"non-finite loss {losses[-1].item()} in the benchmark step")
     return times
 
 
@@ -396,15 +393,8 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
 
 def dequantize_ms(model, dtype) -> float:
     """Median time to dequantize every 4-bit weight once: what each forward, and again each backward, spends first."""
-    weights, times = [m for m in model.modules() if isinstance(m, NF4Weight)], []
-    for _ in range(3):
-        sync(weights[0].packed.device)
-        t0 = time.perf_counter()
-        for w in weights:
-            w.dequantize(dtype)
-        sync(weights[0].packed.device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    return 1e3 * statistics.median(timed(lambda: [w.dequantize(dtype) for w in weights], weights[0].packed.device, 3))
 
 
 def device_peak(args) -> tuple[float | None, str]:
@@ -516,9 +506,8 @@ def print_train(result: dict, args, rows: list[dict], T: int):
              for r in rows]
     table(["method", "trainable", "step ms", "tok/s", "useful", "smp/s", "peak GiB", "FLOP/tok", "FLOP/step", "FLOP/s",
            "MFU"], cells)
-    for r in result["train"]:
-        if "error" in r:
-            print(f"{r['method']}{'/NF4' if r['quant'] else ''}: {r['error']}")
+    print("".join(f"{r['method']}{'/NF4' if r['quant'] else ''}: {r['error']}\n" for r in result["train"]
+                  if "error" in r), end="")
     if rows:
         print(f"  tok/s counts pads (the kernels compute them), useful does not. Peak: {rows[0]['peak_mem_kind']}")
     if args.model in PAPER:
@@ -526,12 +515,10 @@ def print_train(result: dict, args, rows: list[dict], T: int):
         print(f"  Paper: {c['mem_gb']} GB peak for LaVIN-{args.model} MMA ({c['gpus']}x {c['gpu']}, 4 per GPU, fp16)")
     print(f"  FLOPs per token at T={T}: 4 N_frozen + 6 N_trainable + 12 L d T (MixLoRA: its r chosen factors), plus "
           f"CLIP and the neck per image:")
-    width = max((len(r["label"]) for r in rows), default=0)
-    for r in rows:
-        fm = r["flop_model"]
-        print(f"    {r['label']:<{width}} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + "
-              f"{si(fm['attn_coef'])} x {T} = {si(r['flops_per_token'], 'FLOP/token')}; "
-              f"{si(fm['vision_per_image'], 'FLOP/image')}")
+    w = max((len(r["label"]) for r in rows), default=0)
+    for r, fm in ((r, r["flop_model"]) for r in rows):
+        print(f"    {r['label']:<{w}} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + {si(fm['attn_coef'])} x "
+              f"{T} = {si(r['flops_per_token'], 'FLOP/token')}; {si(fm['vision_per_image'], 'FLOP/image')}")
 
 
 def print_extrapolation(result: dict, args, rows: list[dict]):
@@ -674,10 +661,8 @@ def race(ours, theirs, args) -> dict:
     times = ([], [])
     for i in range(args.warmup + args.steps):
         for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            t0 = time.perf_counter()
-            (ours, theirs)[j]()
-            if i >= args.warmup:
-                times[j].append(time.perf_counter() - t0)
+            t = timed((ours, theirs)[j], args.device)
+            times[j].extend(t if i >= args.warmup else [])
     o, r = (statistics.median(t) for t in times)
     pair = [a / b for a, b in zip(*times)]
     return {"ours_ms": 1e3 * o, "theirs_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
@@ -798,19 +783,15 @@ def _measure_load(folder: str, dtype) -> dict:
 
 
 def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[dict]:
-    """
-    Write a random LLaMA (0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention, so that q
-    and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded Hugging Face
+    """Write a random LLaMA (0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention, so that
+    q and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded Hugging Face
     folder; load it keeping bf16 and converting to fp32, each in a fresh process; report the peak growth of resident
-    memory against one copy of the loaded weights.
-    """
+    memory against one copy of the loaded weights."""
     shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + f"self_attn.{x}_proj.weight": (dim, dim) for x in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim),
-                   p + "mlp.down_proj.weight": (dim, ffn), p + "input_layernorm.weight": (dim,),
-                   p + "post_attention_layernorm.weight": (dim,)}
+    for p in (f"model.layers.{i}." for i in range(n_layers)):
+        shapes |= {p + f"self_attn.{x}_proj.weight": (dim, dim) for x in "qkvo"} | {
+            p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim), p + "mlp.down_proj.weight":
+            (dim, ffn), p + "input_layernorm.weight": (dim,), p + "post_attention_layernorm.weight": (dim,)}
     with tempfile.TemporaryDirectory() as folder:
         names, weight_map = list(shapes), {}
         for s in range(shards):  # one shard in memory at a time; a layer's tensors straddle shards, as they can
@@ -826,8 +807,8 @@ def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[d
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             results = [pool.apply(_measure_load, (folder, dtype)) for dtype in (None, torch.float32)]
     n = sum(math.prod(s) for s in shapes.values())
-    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B "
-          f"parameters in bf16 safetensors), then every weight read once; peak growth of resident memory:")
+    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B parameters in bf16 safetensors), "
+          f"then every weight read once; peak growth of resident memory:")
     for r in results:
         print(f"  to {r['dtype']:<9} {r['weights_GB']:.2f} GB of weights, loaded in {r['load_s']:.1f} s, "
               f"{r['rss_after_load_GB']:.2f} GB resident after load_llama: peak {r['peak_rss_GB']:.2f} GB = "
@@ -862,14 +843,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.compare:
         return compare(args)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the adapters' dropout masks
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
     amp = torch.autocast(args.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     peak, peak_src = device_peak(args)
     dev_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
-    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); "
-          f"peak: {si(peak, 'FLOP/s')} [{peak_src}]; torch {torch.__version__}")
+    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); peak: {si(peak, 'FLOP/s')} "
+          f"[{peak_src}]; torch {torch.__version__}")
     result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
               "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
 
@@ -895,17 +876,13 @@ def main(argv=None) -> dict:
     sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
     result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),
                                 "truncated_%": 100 * float((sqa >= MAX_SEQ_LEN).mean())}
+    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
     rows = [r for r in result["train"] if "error" not in r]
     print_train(result, args, rows, T)
     print_extrapolation(result, args, rows)
     print_generation(args, rows)
-
-    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
     print_nf4(result, args)
-
-    for r in result["train"]:
-        r.pop("flop_model", None)  # printed above; the JSON keeps the totals
-    text = json.dumps(result)
+    text = json.dumps(result | {"train": [{k: v for k, v in r.items() if k != "flop_model"} for r in result["train"]]})
     print("\n== JSON ==\n" + text)
     if args.json:
         Path(args.json).write_text(text + "\n")

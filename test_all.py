@@ -2151,10 +2151,13 @@ def test_evaluate_generate_takes_packed_path_with_the_same_tokens():
     seen = []
     p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
     p[:, 0] = 1
+    layer = model.llama.layers[1]
     out = evaluate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
-        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
+        all(isinstance(m, PackedLinear) for m in (model.llama.output, layer.feed_forward.w2, layer.attention.wqkv,
+                                                   layer.feed_forward.w13))))
     assert seen == [True] * 6
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert layer.attention.wqkv is None and layer.feed_forward.w13 is None  # q/k/v and w1/w3 stacked only meanwhile
     assert out == reference_generate(reference_weights(model), p, 6)
     lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
     both = evaluate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
