@@ -356,32 +356,30 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
     vocab, S = model.llama.args.vocab_size, model.visual.args.image_size
     gen = torch.Generator().manual_seed(args.seed + 1)
     prefix = torch.randint(3, vocab, (len(LLAMA_PREFIX_IDS[True]),), generator=gen).tolist()  # LLaMA's prefix shape
-    head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout
-    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()  # equal lengths: no left
-               for _ in range(args.batch_size)]  # padding is timed
+    head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout; equal lengths: no pads
+    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()
+               for _ in range(args.batch_size)]
     images = torch.randn(args.batch_size, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
     if merge:
         with amp:  # bf16 frozen weights + fp32 adapters: merge's router pass needs autocast like any forward
             model.merge(1)
-    runs = []  # (whole call, prefill until the first token, decode of the other gen_tokens - 1 steps), seconds
+    stamps, out = [], []  # per run: its start, then the end of prefill and of every decode step
+
+    def on_token(_):
+        sync(args.device)
+        stamps[-1].append(time.perf_counter())
+
+    def run():
+        stamps.append([time.perf_counter()])
+        with amp:  # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
+            out[:] = generate(model, prompts, [True] * args.batch_size, images, max_new_tokens=args.gen_tokens,
+                              eos_id=-1, on_token=on_token)
     try:
-        for _ in range(3):  # the first run is a warm-up; the other two are timed
-            stamps = []
-            sync(args.device)
-            t0 = time.perf_counter()
-
-            def on_token(_):  # called once per new token: stamps the end of prefill, then every decode step
-                sync(args.device)
-                stamps.append(time.perf_counter())
-
-            with amp:  # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
-                out = generate(model, prompts, [True] * args.batch_size, images, max_new_tokens=args.gen_tokens,
-                               eos_id=-1, on_token=on_token)
-            sync(args.device)
-            runs.append((time.perf_counter() - t0, stamps[0] - t0, stamps[-1] - stamps[0]))
+        total = statistics.median(timed(run, args.device, 3)[1:])  # the first run is a warm-up
     finally:
         model.unmerge()
-    total, prefill, decode = (statistics.median(r[i] for r in runs[1:]) for i in range(3))
+    prefill, decode = (statistics.median(f(r) for r in stamps[1:]) for f in (lambda r: r[1] - r[0],
+                                                                             lambda r: r[-1] - r[1]))
     # Each decode step reads every LLaMA weight once (the embedding is a lookup of B rows): weight bytes per second
     # is the roofline that matters for decode, whose arithmetic intensity is only about B FLOPs per byte.
     w_bytes = sum(p.nbytes for n, p in model.llama.named_parameters() if "tok_emb" not in n) + sum(
@@ -613,10 +611,8 @@ def print_nf4(result: dict, args):
 # Two shapes of the same blocks: at the first the 32,000-word head is 39% of the matmul weights, so computing it only
 # where a label is (model.LaVIN.forward) dominates the training gain; at the second (vocab 2,000) it is 4%, about
 # LLaMA-7B's 2%, so what remains is the blocks themselves.
-COMPARE_SHAPES = {"vocab 32000": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                                      intermediate_size=1408, vocab_size=32000),
-                  "vocab 2000": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                                     intermediate_size=1408, vocab_size=2000)}
+COMPARE_SHAPES = {f"vocab {v}": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                      intermediate_size=1408, vocab_size=v) for v in (32000, 2000)}
 COMPARE_LORA = AdapterArgs(method="lora", lora_rank=8)  # alpha 16, dropout 0.05, all seven linears, as peft's below
 
 
@@ -629,9 +625,9 @@ def compare_pair(cfg: dict, folder: str, seed: int):
         **cfg, rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=1, eos_token_id=None, pad_token_id=0))
     hf.save_pretrained(folder)
     a = COMPARE_LORA
+    targets = [f"{x}_proj" for x in ("q", "k", "v", "o", "gate", "up", "down")]
     theirs = get_peft_model(hf, LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=a.lora_dropout,
-                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"]))
+                                           target_modules=targets))
     ours = LaVIN(load_llama(folder), VisionTransformer(VISION_PRESETS["tiny"]), a)
     mine = dict(ours.llama.named_parameters())
     with torch.no_grad():
@@ -674,13 +670,14 @@ def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, 
     with tempfile.TemporaryDirectory() as folder:
         ours, theirs = compare_pair(cfg, folder, args.seed)
     g = torch.Generator().manual_seed(args.seed)
+    bos_and = lambda n, t: torch.cat([torch.ones(n, 1, dtype=torch.long),  # BOS, then random ids >= 3
+                                      torch.randint(3, cfg["vocab_size"], (n, t - 1), generator=g)], 1)
     B, T = batch
-    ids = torch.randint(3, cfg["vocab_size"], (B, T), generator=g)
-    ids[:, 0] = 1
-    every = ids.clone()
-    every[:, 0] = IGNORE  # transformers shifts: nothing predicts the first token (ours would, from the modality token)
-    answer = torch.full_like(ids, IGNORE)
-    answer[:, 3 * T // 4:] = ids[:, 3 * T // 4:]  # the last quarter is the answer, as make_batch
+    ids = bos_and(B, T)
+    # transformers shifts: nothing predicts the first token (ours would, from the modality token); the answer is the
+    # last quarter, as make_batch
+    every, answer = ids.clone(), ids.masked_fill(torch.arange(T) < 3 * T // 4, IGNORE)
+    every[:, 0] = IGNORE
     text = torch.zeros(B, dtype=torch.long)
     # lr 0: AdamW does all its work, but the weights stay equal (each side draws its own dropout masks, so their
     # gradients differ), and the losses and tokens compared afterwards still come from the same weights.
@@ -705,8 +702,7 @@ def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, 
     hf = theirs.merge_and_unload().eval()
     with torch.no_grad():
         for b in (1, 8):
-            p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
-            p[:, 0] = 1
+            p = bos_and(b, prompt)
             mine = lambda: generate(ours, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
             their = lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new, do_sample=False,
                                         return_dict_in_generate=True)
@@ -748,6 +744,7 @@ def compare(args, shapes=COMPARE_SHAPES, batch=(4, 256), prompt=32, new=128) -> 
     print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ours/theirs < 1: ours is faster; "
           f"head: the vocabulary head's share of the matmul weights")
     return result
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Peak host memory of loading a Hugging Face checkpoint: python bench.py --load_memory (on its own; Linux)
