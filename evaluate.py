@@ -265,9 +265,17 @@ class PackedLinear(nn.Module):
         stack = lambda ts: ts[0].detach() if len(ts) == 1 else torch.cat([t.detach() for t in ts])  # (out, in)
         self.bias = None if lins[0].bias is None else stack([lin.bias for lin in lins])
         self.packed = torch.ops.mkldnn._reorder_linear_weight(stack([lin.weight for lin in lins]), None)
+        # What it was packed from: the very tensors (holding them keeps their ids unique) and their in-place versions
+        self.sources = [(t, t._version) for lin in lins for t in (lin.weight, lin.bias) if t is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def packs(self, lins: list[nn.Linear]) -> bool:
+        """Whether this still packs exactly these linears' current values: the same tensors, untouched since (merge,
+        unmerge, load_state_dict and optimizer steps all write in place, which bumps a tensor's version)."""
+        now = [t for lin in lins for t in (lin.weight, lin.bias) if t is not None]
+        return len(now) == len(self.sources) and all(t is s and t._version == v for t, (s, v) in zip(now, self.sources))
 
 
 @contextmanager
@@ -276,7 +284,11 @@ def packed_linears(llama: Transformer):
     q/k/v) for a PackedLinear, q/k/v and w1/w3 stacked into one each (Attention.wqkv, FeedForward.w13); restore the
     originals afterwards. Elsewhere (GPU, bf16, unmerged LoRA, MixLoRA) a no-op. Measured on 2 quiet cores, one row
     decodes in 0.68x the time of F.linear and eight in about half; on cores other processes keep busy, oneDNN's
-    threads can wait on each other and one row was seen 5x slower."""
+    threads can wait on each other and one row was seen 5x slower.
+    Packing reads and rewrites every weight (a generate call of 64 tokens at dim 512 spent 11% of its time on it), so
+    the packed copies stay in llama.packed for the next call and are reused while their sources are unchanged
+    (PackedLinear.packs); each call keeps only what it used. The cost: one more copy of the LLaMA's static weights
+    stays in memory between calls, as it already did during each call."""
     w = llama.output.weight
     usable = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
     static = lambda lin: type(lin) is nn.Linear or (isinstance(lin, LoRALinear) and lin.merged)
@@ -288,10 +300,18 @@ def packed_linears(llama: Transformer):
     done = {id(lin) for _, _, lins in fused for lin in lins}  # their own packing would go unused
     swaps = [(mod, name, lin) for mod in llama.modules() for name, lin in mod.named_children()
              if usable and static(lin) and id(lin) not in done]
+    kept, llama.packed = llama.packed, {}
+
+    def packed(lins):  # the cached PackedLinear of these linears if it is still theirs, else a fresh one
+        key = tuple(id(lin) for lin in lins)
+        p = kept[key] if key in kept and kept[key].packs(lins) else PackedLinear(lins)
+        llama.packed[key] = p
+        return p
+
     for mod, name, lin in swaps:
-        setattr(mod, name, PackedLinear([lin]))
+        setattr(mod, name, packed([lin]))
     for mod, name, lins in fused:
-        setattr(mod, name, PackedLinear(lins))
+        setattr(mod, name, packed(lins))
     try:
         yield
     finally:

@@ -203,6 +203,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.grad_ckpt = False  # activation checkpointing of every block (train.py --grad_ckpt)
+        self.packed: dict = {}  # CPU generation's prepacked weights, kept between calls (evaluate.packed_linears)
         self.init_rope()
 
     def init_rope(self, device=None):

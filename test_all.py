@@ -2159,6 +2159,17 @@ def test_evaluate_generate_takes_packed_path_with_the_same_tokens():
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert layer.attention.wqkv is None and layer.feed_forward.w13 is None  # q/k/v and w1/w3 stacked only meanwhile
     assert out == reference_generate(reference_weights(model), p, 6)
+    # The packed weights are kept for the next call, and packed again once a weight changes in place
+    first = dict(model.llama.packed)
+    assert len(first) == 2 * 4 + 2 * 4 + 1  # q/k/v and w1/w3 of each of 4 layers stacked; wo, w2; the head
+    assert evaluate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1) == out
+    assert all(model.llama.packed[k] is v for k, v in first.items())
+    with torch.no_grad():
+        layer.feed_forward.w3.weight.mul_(3.0)
+    assert evaluate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1) == \
+        reference_generate(reference_weights(model), p, 6)
+    fresh = [k for k, v in model.llama.packed.items() if v is not first[k]]
+    assert fresh == [(id(layer.feed_forward.w1), id(layer.feed_forward.w3))]
     lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
     both = evaluate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
     assert both == [evaluate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
