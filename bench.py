@@ -19,23 +19,20 @@ and then as one JSON object (also written to --json PATH):
     python bench.py --model 7B --methods mma,lora --quant nf4   # ... and again on a 4-bit base (LaVIN-lite, QLoRA)
     python bench.py --model 13B --seq pad512 --gpus 8    # 13B as the official code pads it (to 512 tokens)
     python bench.py --model 7B --methods full --batch_size 1   # full FT in pure bf16 (~56 GB + activations)
-    python bench.py --compare                            # instead: ours against a transformers + peft-style reference
+    python bench.py --compare --threads 1                # instead: ours against the real transformers + peft
     python bench.py --load_memory                        # instead: host memory of loading a sharded HF checkpoint
 
 No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
-materialised on the GPU with `to_empty` and filled with random numbers.
-
-FLOPs and MFU with a frozen base. nanoGPT's 6N per token assumes every weight trains: 2N forward, 2N for the input
-gradients, 2N for the weight gradients. A frozen weight that gradients must pass through (every LLaMA weight here, since
-the adapters and the visual neck sit at its input) skips the weight gradient and costs 4N; a frozen weight with nothing
-trainable below it (CLIP under LoRA, which runs under no_grad) costs 2N. So per LLaMA token
+materialised on the GPU with `to_empty` and filled with random numbers. FLOPs and MFU with a frozen base: nanoGPT's 6N
+per token assumes every weight trains (2N forward, 2N input gradients, 2N weight gradients). A frozen weight that
+gradients must pass through (every LLaMA weight here: adapters and neck sit at its input) costs 4N; one with nothing
+trainable below it (CLIP under LoRA, run under no_grad) costs 2N. So per LLaMA token
 
     F(T) = 4 N_frozen + 6 N_trainable + 12 L d T            (T: the padded sequence length the kernels really process)
 
-plus the CLIP tower once per image. MFU = (F per step / step time) / device peak: the share of the peak spent on work
-the method cannot avoid (a frozen base counted as 6N would inflate it about 1.5x). Decoding is memory-bound, so part 4
-reports bandwidth (weight bytes read per second), not MFU. The extrapolation holds the measured FLOP/s at every length,
-scales perfectly across --gpus devices and loads no data; for the tiny CPU model it describes that toy, not LaVIN-7B.
+plus the CLIP tower once per image. MFU = (F per step / step time) / device peak (a frozen base counted as 6N would
+inflate it 1.5x). Decoding is memory-bound: part 4 reports weight bytes read per second. The extrapolation holds the
+measured FLOP/s at every length and scales perfectly across --gpus; for the tiny CPU model it describes that toy.
 
 Tests: python -m pytest -q test_all.py -k test_bench_
 """
@@ -64,8 +61,8 @@ from clip_vit import VISION_PRESETS, VisionTransformer
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
 from evaluate import UserError, check_flags, cli
 from generate import generate
-from model import IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, build_lavin, count_params, load_llama
-from weights import save_safetensors
+from model import IGNORE, LLAMA_PRESETS, LaVIN, build_lavin, count_params, load_llama
+from weights import hf_to_meta_name, save_safetensors, unpermute
 
 # What the paper claims (Table 6 and the official README's model zoo), and what it trains on
 PAPER = {"7B": dict(trainable=3_781_296, hours=1.4, gpus=8, gpu="A100", mem_gb=33.9, ckpt_mb=15),
@@ -81,40 +78,32 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A1
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the docstring of bench.py for the "
-                                "FLOP model and what MFU means with a frozen base.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See bench.py's docstring for the FLOP model.")
     p.add_argument("--model", default="tiny", choices=list(LLAMA_PRESETS),
                    help="LLaMA shapes of the measured step (default tiny; 7B/13B: random weights, need a GPU)")
-    p.add_argument("--vision", default=None, choices=list(VISION_PRESETS),
-                   help="CLIP tower (default: tiny for --model tiny, ViT-L/14 otherwise)")
-    p.add_argument("--methods", default=None, help="comma list of " + ",".join(METHODS) + " (default: all four on "
-                   "CPU, where the tiny model makes them cheap; mma on a GPU, where each 7B build takes a while)")
+    p.add_argument("--vision", choices=list(VISION_PRESETS), help="CLIP tower (default: tiny for tiny, else ViT-L/14)")
+    p.add_argument("--methods", help="comma list of " + ",".join(METHODS) + " (default: all four on CPU, where the "
+                   "tiny model makes them cheap; mma on a GPU, where each 7B build takes a while)")
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank of the measured lora row (default 64, LLaVA's)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per device per step (default 4, the official)")
-    p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"],
-                   help="lengths: real ScienceQA distribution padded to each batch's longest (default, as our "
-                        "data.collate), or every sample padded to 512 (as the official loader)")
+    p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"], help="lengths: ScienceQA's, padded "
+                   "to each batch's longest (default, as data.collate), or all padded to 512 (the official loader)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first: allocator, cuBLAS heuristics, compile")
     p.add_argument("--gpus", type=int, default=8, help="N devices for the extrapolation (default 8, as the paper)")
     p.add_argument("--epochs", type=int, default=20, help="ScienceQA epochs to extrapolate to (default 20)")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="device peak for MFU and the floor (default: looked up for A100/H100/H200 in bf16)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                   help="frozen weights and autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: looked up for A100/H100/H200 bf16)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="frozen weights and autocast dtype (default: bf16 on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
     p.add_argument("--quant", choices=["nf4"], help="also measure every adapter method on a 4-bit NF4 base (QLoRA, "
                    "LaVIN-lite), beside the --dtype base")
     p.add_argument("--gen_tokens", type=int, default=16, help="new tokens per prompt in part 4 (default 16)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default on CPU: 1; the tiny model's 128-wide matmuls gain little "
-                        "from more, and on a shared machine threads that wait for busy cores make steps up to 10x "
-                        "slower and the timings noise; on GPU: torch's choice)")
-    p.add_argument("--json", default=None, help="also write the JSON result to this path")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default on CPU: 1; the tiny model gains little "
+                   "from more, and on a shared machine threads waiting for busy cores make steps up to 10x slower)")
+    p.add_argument("--json", help="also write the JSON result to this path")
     p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
                    "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
-    p.add_argument("--compare", action="store_true",
-                   help="instead: the side-by-side against a transformers-style reference (see compare)")
+    p.add_argument("--compare", action="store_true", help="instead: ours against transformers + peft (see compare)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
     args = p.parse_args(argv)
@@ -213,21 +202,26 @@ def batch_flops(fm: dict, batch_len, batch_size: int, n_images) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainable parameters by method at the real shapes
 
-# The rows of the method comparison: (label, AdapterArgs overrides). LoRA at two ranks of the LLaVA scaling study.
-METHOD_ROWS = [("MMA (LaVIN)", dict(method="mma")), ("LoRA r=8", dict(method="lora", lora_rank=8)),
-               ("LoRA r=64", dict(method="lora", lora_rank=64)),
-               ("MixLoRA E=16 r=4", dict(method="mixlora", mix_pool=16, mix_rank=4)), ("Full", dict(method="full"))]
+# The rows of the method comparison at the real shapes: LoRA at two ranks of the LLaVA scaling study.
+METHOD_ROWS = [AdapterArgs(method="mma"), AdapterArgs(method="lora", lora_rank=8), AdapterArgs(method="lora"),
+               AdapterArgs(method="mixlora"), AdapterArgs(method="full")]
+
+
+def method_label(a: AdapterArgs) -> str:
+    """The one name of a method's rows in every table: MMA (LaVIN), LoRA r=64, MixLoRA E=16 r=4, Full."""
+    return {"mma": "MMA (LaVIN)", "lora": f"LoRA r={a.lora_rank}", "mixlora": f"MixLoRA E={a.mix_pool} r={a.mix_rank}",
+            "full": "Full"}[a.method]
 
 
 def param_table(sizes=("7B", "13B")) -> list[dict]:
     """Trainable parameters and fp32 checkpoint size by method for LaVIN at the real shapes, on the meta device."""
     rows = []
     for size in sizes:
-        for label, over in METHOD_ROWS:
-            trainable, total = count_params(build_lavin(size, "ViT-L/14", AdapterArgs(**over), device="meta"))
-            rows.append({"model": f"LaVIN-{size}", "method": label, "trainable": trainable, "total": total,
+        for a in METHOD_ROWS:
+            trainable, total = count_params(build_lavin(size, "ViT-L/14", a, device="meta"))
+            rows.append({"model": f"LaVIN-{size}", "method": method_label(a), "trainable": trainable, "total": total,
                          "share_%": 100 * trainable / total, "ckpt_MB": trainable * 4 / 1e6,
-                         "paper": PAPER[size]["trainable"] if over["method"] == "mma" else None})
+                         "paper": PAPER[size]["trainable"] if a.method == "mma" else None})
     return rows
 
 
@@ -290,12 +284,9 @@ def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: i
 # Building, timing
 
 def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, seed: int, quant=None):
-    """
-    A LaVIN with random weights at the preset's shapes, built the way a 7B must be: on the meta device (free), cast
-    there, then materialised on `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU,
-    as the paper keeps them in fp16); trainable ones stay fp32 masters under autocast, except for full fine-tuning in
-    bf16, where fp32 masters plus AdamW state of a 7B (~112 GB) fit no single GPU, so everything stays bf16.
-    """
+    """A LaVIN with random weights, built as a 7B must be: on the meta device (free), cast there, materialised on
+    `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU); trainable ones stay fp32
+    masters under autocast, except full fine-tuning, whose fp32 masters + AdamW state at 7B (~112 GB) fit no GPU."""
     model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank), device="meta").to(dtype)
     for p in model.parameters():
         if p.requires_grad and method != "full":
@@ -317,6 +308,18 @@ def sync(device):
         torch.cuda.synchronize(device)  # CUDA calls return before the GPU finishes: time only finished work
 
 
+def timed(fn, device, runs: int = 1) -> list[float]:
+    """Seconds of each of `runs` calls of fn, from an idle device to a finished one."""
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def peak_memory_gb(device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "GiB allocated (CUDA)"
@@ -332,20 +335,19 @@ def measure_train(model, batch: dict, args, amp) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                             weight_decay=0.02, fused=args.device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model  # generation keeps the plain one (shapes change)
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync(args.device)  # start the clock with the GPU idle
-        t0 = time.perf_counter()
+    losses = []
+
+    def step():
         with amp:
             loss = step_model(**batch)  # forward + the cross-entropy on labelled positions (model.LaVIN.forward)
         loss.backward()  # outside autocast, as recommended: backward ops reuse the forward's dtypes
         opt.step()
         opt.zero_grad(set_to_none=True)  # frees the gradients between steps, as train.py does
-        sync(args.device)  # stop it once the GPU has finished the step, not when Python has queued it
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    if not math.isfinite(loss.item()):
-        raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
+        losses.append(loss.detach())
+
+    times = timed(step, args.device, args.warmup + args.steps)[args.warmup:]
+    if not math.isfinite(losses[-1].item()):
+        raise RuntimeError(f"non-finite loss {losses[-1].item()} in the benchmark step")
     return times
 
 
@@ -356,32 +358,30 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
     vocab, S = model.llama.args.vocab_size, model.visual.args.image_size
     gen = torch.Generator().manual_seed(args.seed + 1)
     prefix = torch.randint(3, vocab, (len(LLAMA_PREFIX_IDS[True]),), generator=gen).tolist()  # LLaMA's prefix shape
-    head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout
-    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()  # equal lengths: no left
-               for _ in range(args.batch_size)]  # padding is timed
+    head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout; equal lengths: no pads
+    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()
+               for _ in range(args.batch_size)]
     images = torch.randn(args.batch_size, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
     if merge:
         with amp:  # bf16 frozen weights + fp32 adapters: merge's router pass needs autocast like any forward
             model.merge(1)
-    runs = []  # (whole call, prefill until the first token, decode of the other gen_tokens - 1 steps), seconds
+    stamps, out = [], []  # per run: its start, then the end of prefill and of every decode step
+
+    def on_token(_):
+        sync(args.device)
+        stamps[-1].append(time.perf_counter())
+
+    def run():
+        stamps.append([time.perf_counter()])
+        with amp:  # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
+            out[:] = generate(model, prompts, [True] * args.batch_size, images, max_new_tokens=args.gen_tokens,
+                              eos_id=-1, on_token=on_token)
     try:
-        for _ in range(3):  # the first run is a warm-up; the other two are timed
-            stamps = []
-            sync(args.device)
-            t0 = time.perf_counter()
-
-            def on_token(_):  # called once per new token: stamps the end of prefill, then every decode step
-                sync(args.device)
-                stamps.append(time.perf_counter())
-
-            with amp:  # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
-                out = generate(model, prompts, [True] * args.batch_size, images, max_new_tokens=args.gen_tokens,
-                               eos_id=-1, on_token=on_token)
-            sync(args.device)
-            runs.append((time.perf_counter() - t0, stamps[0] - t0, stamps[-1] - stamps[0]))
+        total = statistics.median(timed(run, args.device, 3)[1:])  # the first run is a warm-up
     finally:
         model.unmerge()
-    total, prefill, decode = (statistics.median(r[i] for r in runs[1:]) for i in range(3))
+    prefill, decode = (statistics.median(f(r) for r in stamps[1:]) for f in (lambda r: r[1] - r[0],
+                                                                             lambda r: r[-1] - r[1]))
     # Each decode step reads every LLaMA weight once (the embedding is a lookup of B rows): weight bytes per second
     # is the roofline that matters for decode, whose arithmetic intensity is only about B FLOPs per byte.
     w_bytes = sum(p.nbytes for n, p in model.llama.named_parameters() if "tok_emb" not in n) + sum(
@@ -393,15 +393,8 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
 
 def dequantize_ms(model, dtype) -> float:
     """Median time to dequantize every 4-bit weight once: what each forward, and again each backward, spends first."""
-    weights, times = [m for m in model.modules() if isinstance(m, NF4Weight)], []
-    for _ in range(3):
-        sync(weights[0].packed.device)
-        t0 = time.perf_counter()
-        for w in weights:
-            w.dequantize(dtype)
-        sync(weights[0].packed.device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    return 1e3 * statistics.median(timed(lambda: [w.dequantize(dtype) for w in weights], weights[0].packed.device, 3))
 
 
 def device_peak(args) -> tuple[float | None, str]:
@@ -456,8 +449,8 @@ def bench_method(method: str, quant, args, amp, dtype, batch: dict, useful_token
     times = measure_train(model, batch, args, amp)
     t = statistics.median(times)  # the median shrugs off a step that a neighbour process or a GC pause slowed
     mem, mem_kind = peak_memory_gb(args.device)
-    label = {"mma": "MMA (LaVIN)", "lora": f"LoRA r={args.lora_rank}", "mixlora": "MixLoRA E=16 r=4", "full": "Full"}
-    row = {"method": method, "quant": quant, "label": label[method] + ("/NF4" if quant else ""), "trainable": trainable,
+    label = method_label(model.adapter_args) + ("/NF4" if quant else "")
+    row = {"method": method, "quant": quant, "label": label, "trainable": trainable,
            "total": total, "step_ms": 1e3 * t, "step_ms_all": [1e3 * x for x in times], "tokens_s": B * T / t,
            "useful_tokens_s": useful_tokens / t, "samples_s": B / t, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
            "frozen_gb": sum(x.nbytes for x in [*model.parameters(), *model.buffers()] if not x.requires_grad) / 1e9,
@@ -513,9 +506,8 @@ def print_train(result: dict, args, rows: list[dict], T: int):
              for r in rows]
     table(["method", "trainable", "step ms", "tok/s", "useful", "smp/s", "peak GiB", "FLOP/tok", "FLOP/step", "FLOP/s",
            "MFU"], cells)
-    for r in result["train"]:
-        if "error" in r:
-            print(f"{r['method']}{'/NF4' if r['quant'] else ''}: {r['error']}")
+    print("".join(f"{r['method']}{'/NF4' if r['quant'] else ''}: {r['error']}\n" for r in result["train"]
+                  if "error" in r), end="")
     if rows:
         print(f"  tok/s counts pads (the kernels compute them), useful does not. Peak: {rows[0]['peak_mem_kind']}")
     if args.model in PAPER:
@@ -523,12 +515,10 @@ def print_train(result: dict, args, rows: list[dict], T: int):
         print(f"  Paper: {c['mem_gb']} GB peak for LaVIN-{args.model} MMA ({c['gpus']}x {c['gpu']}, 4 per GPU, fp16)")
     print(f"  FLOPs per token at T={T}: 4 N_frozen + 6 N_trainable + 12 L d T (MixLoRA: its r chosen factors), plus "
           f"CLIP and the neck per image:")
-    width = max((len(r["label"]) for r in rows), default=0)
-    for r in rows:
-        fm = r["flop_model"]
-        print(f"    {r['label']:<{width}} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + "
-              f"{si(fm['attn_coef'])} x {T} = {si(r['flops_per_token'], 'FLOP/token')}; "
-              f"{si(fm['vision_per_image'], 'FLOP/image')}")
+    w = max((len(r["label"]) for r in rows), default=0)
+    for r, fm in ((r, r["flop_model"]) for r in rows):
+        print(f"    {r['label']:<{w}} 4 x {si(fm['n_frozen'])} + 6 x {si(fm['n_trainable'])} + {si(fm['attn_coef'])} x "
+              f"{T} = {si(r['flops_per_token'], 'FLOP/token')}; {si(fm['vision_per_image'], 'FLOP/image')}")
 
 
 def print_extrapolation(result: dict, args, rows: list[dict]):
@@ -615,159 +605,147 @@ def print_nf4(result: dict, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Side by side with what users would otherwise pick (--compare). transformers and peft are not dependencies, so the peer
-# is a plain re-implementation of the same math as transformers' eager LlamaForCausalLM: rotate_half RoPE (wq/wk rows
-# permuted as HF's convert_llama_weights_to_hf.py does), repeat_kv, an explicit additive mask, a KV cache grown by
-# concatenation, the head on the last position only at generation (their logits_to_keep), and peft-style LoRA with its
-# own dropout and scaling per linear. The same weights give the same loss and the same greedy tokens as ours.
+# Side by side with what users would otherwise pick (--compare): the real transformers LlamaForCausalLM with a peft
+# LoRA, imported only here (neither is a dependency of the project). Their model is built first, with its own random
+# init, and written by its own save_pretrained; ours loads that folder through model.load_llama, and the LoRA factors
+# are copied over, so both hold the same weights. One process, the same threads, interleaved turns.
 
-COMPARE = dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1408, vocab_size=32000)  # LoRA r=8 on all seven linears
-
-
-def reference_weights(model) -> dict:
-    """Our LaVIN's LLaMA weights in transformers' layout: {name: (W, A, B, scaling, dropout)} per layer; A is None
-    for a merged LoRA, which is then a plain linear (peft's merge_and_unload)."""
-    llama = model.llama
-    H, D = llama.args.n_heads, llama.args.head_dim
-    perm = lambda w: w.view(H, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)  # interleaved -> halves
-    layers = []
-    for layer in llama.layers:
-        a, f = layer.attention, layer.feed_forward
-        lins = {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "gate": f.w1, "up": f.w3, "down": f.w2}
-        layers.append({n: ((perm(m.weight) if n in "qk" else m.weight), None if m.merged else m.lora_A,
-                           perm(m.lora_B) if n in "qk" else m.lora_B, m.scaling, m.dropout.p) for n, m in lins.items()})
-        layers[-1].update(ln1=layer.attention_norm.weight, ln2=layer.ffn_norm.weight)
-    return {"layers": layers, "emb": llama.tok_embeddings.weight, "norm": llama.norm.weight,
-            "head": llama.output.weight, "H": H, "eps": llama.args.norm_eps, "theta": llama.args.rope_theta}
+# Two shapes of the same blocks: at the first the 32,000-word head is 39% of the matmul weights, so computing it only
+# where a label is (model.LaVIN.forward) dominates the training gain; at the second (vocab 2,000) it is 4%, about
+# LLaMA-7B's 2%, so what remains is the blocks themselves.
+COMPARE_SHAPES = {f"vocab {v}": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                      intermediate_size=1408, vocab_size=v) for v in (32000, 2000)}
+COMPARE_LORA = AdapterArgs(method="lora", lora_rank=8)  # alpha 16, dropout 0.05, all seven linears, as peft's below
 
 
-def reference_forward(R, ids, pos0: int, cache=None, train=False, last_only=False):
-    """ids (B, T) at RoPE positions pos0.. (ours puts the modality token at 0, so prompts start at 1) -> logits."""
-    def lora(x, w):  # peft's Linear: base(x) + lora_B(lora_A(dropout(x))) * scaling
-        W, A, Bm, s, p = w
-        y = F.linear(x, W)
-        return y if A is None else y + F.linear(F.linear(F.dropout(x, p, train), A), Bm) * s
-
-    def rms(x, w):
-        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + R["eps"])).to(x.dtype)
-
-    def rot(x):  # rotate_half
-        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
-
-    B, T = ids.shape
-    H = R["H"]
-    h = R["emb"][ids]  # (B, T, C)
-    D = h.shape[-1] // H
-    past = cache[0][0].shape[2] if cache else 0
-    inv = 1.0 / (R["theta"] ** (torch.arange(0, D, 2).float() / D))
-    fr = torch.outer(torch.arange(pos0 + past, pos0 + past + T).float(), inv)
-    cos, sin = torch.cat((fr, fr), -1).cos(), torch.cat((fr, fr), -1).sin()  # (T, D)
-    mask = torch.full((T, past + T), float("-inf")).triu(past + 1)  # (T, S) additive causal mask
-    for i, L in enumerate(R["layers"]):
-        x = rms(h, L["ln1"])
-        q, k, v = (lora(x, L[n]).view(B, T, -1, D).transpose(1, 2) for n in ("q", "k", "v"))  # (B, H, T, D)
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        if cache is not None:
-            if len(cache) > i:
-                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-                cache[i] = (k, v)
-            else:
-                cache.append((k, v))
-        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # repeat_kv
-        att = torch.softmax((q @ k.transpose(2, 3) / math.sqrt(D) + mask).float(), -1).to(q.dtype) @ v
-        h = h + lora(att.transpose(1, 2).reshape(B, T, -1), L["o"])
-        x = rms(h, L["ln2"])
-        h = h + lora(F.silu(lora(x, L["gate"])) * lora(x, L["up"]), L["down"])
-    h = rms(h, R["norm"])
-    return F.linear(h[:, -1:] if last_only else h, R["head"]).float()
-
-
-def reference_generate(R, ids, new: int) -> list[list[int]]:
-    cache, out, x = [], [], ids
-    for _ in range(new):
-        out.append(reference_forward(R, x, 1, cache, last_only=True)[:, -1].argmax(-1))  # (B,)
-        x = out[-1][:, None]
-    return torch.stack(out, 1).tolist()
-
-
-def reference_loss(R, ids, labels, train=True):
-    logits = reference_forward(R, ids, 1, train=train)  # transformers: position t predicts label t + 1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
-
-def compare_models(cfg: dict, seed: int = 0):
-    """Ours (LaVIN with LoRA r=8 on the seven linears, tiny CLIP) with random weights, and its reference view."""
+def compare_pair(cfg: dict, folder: str, seed: int):
+    """(ours: a LaVIN with LoRA on the LLaMA transformers wrote, theirs: that LlamaForCausalLM under a peft LoRA)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
-    model = LaVIN(Transformer(ModelArgs(**cfg)), VisionTransformer(VISION_PRESETS["tiny"]),
-                  AdapterArgs(method="lora", lora_rank=8))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **cfg, rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=1, eos_token_id=None, pad_token_id=0))
+    hf.save_pretrained(folder)
+    a = COMPARE_LORA
+    targets = [f"{x}_proj" for x in ("q", "k", "v", "o", "gate", "up", "down")]
+    theirs = get_peft_model(hf, LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=a.lora_dropout,
+                                           target_modules=targets))
+    ours = LaVIN(load_llama(folder), VisionTransformer(VISION_PRESETS["tiny"]), a)
+    mine = dict(ours.llama.named_parameters())
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)  # the LoRA B too, so the updates are not zero
-    return model, reference_weights(model)
+        for name, p in theirs.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.02)  # peft starts B at zero; random, so the updates are not trivially zero
+            if ".lora_" in name:
+                ours_name, to_ours = peft_twin(name, ours.llama.args)
+                mine[ours_name].copy_(to_ours(p))
+    return ours, theirs
 
 
-def race(ours, ref, args) -> dict:
-    """Median times of ours and the reference over --steps runs after --warmup, interleaved (turns alternate who goes
-    first, so a neighbour's load hits both); ratio < 1: ours is faster."""
+def peft_twin(name: str, args) -> tuple:
+    """A peft LoRA factor's name -> (our LLaMA's name for it, the map of its values to ours): ...layers.0.self_attn.
+    q_proj.lora_B.default.weight -> layers.0.attention.wq.lora_B, whose rows are q's outputs, which HF's layout
+    permutes (load_llama's unpermute). For weights and gradients alike."""
+    stem, factor = name.removeprefix("base_model.model.").split(".lora_")
+    meta = hf_to_meta_name(stem + ".weight").removesuffix(".weight")
+    heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}.get(meta.split(".")[-1])
+    permuted = heads is not None and factor[0] == "B"
+    return f"{meta}.lora_{factor[0]}", (lambda t: unpermute(t, heads)) if permuted else (lambda t: t)
+
+
+def race(ours, theirs, args) -> dict:
+    """Median times of ours and theirs over --steps runs after --warmup, interleaved (turns alternate who goes first,
+    so a neighbour's load hits both); ratio < 1: ours is faster."""
     times = ([], [])
     for i in range(args.warmup + args.steps):
         for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            t0 = time.perf_counter()
-            (ours, ref)[j]()
-            if i >= args.warmup:
-                times[j].append(time.perf_counter() - t0)
+            t = timed((ours, theirs)[j], args.device)
+            times[j].extend(t if i >= args.warmup else [])
     o, r = (statistics.median(t) for t in times)
     pair = [a / b for a, b in zip(*times)]
-    return {"ours_ms": 1e3 * o, "ref_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
+    return {"ours_ms": 1e3 * o, "theirs_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
 
 
-def compare(args, cfg=COMPARE, batch=(4, 256), prompt=32, new=128) -> dict:
-    """A LoRA training step and greedy generation at batch 1 and 8, ours against the reference, same weights."""
-    model, R = compare_models(cfg, args.seed)
+def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, dict]:
+    """The LoRA training step with labels on every position and on the answer only, then greedy generation of the
+    merged models at batch 1 and 8: {row: race result + agreement}, and what their side ran with."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs = compare_pair(cfg, folder, args.seed)
     g = torch.Generator().manual_seed(args.seed)
+    bos_and = lambda n, t: torch.cat([torch.ones(n, 1, dtype=torch.long),  # BOS, then random ids >= 3
+                                      torch.randint(3, cfg["vocab_size"], (n, t - 1), generator=g)], 1)
     B, T = batch
-    ids = torch.randint(3, cfg["vocab_size"], (B, T), generator=g)
-    ids[:, 0] = 1
-    labels = torch.full_like(ids, IGNORE)
-    labels[:, 3 * T // 4:] = ids[:, 3 * T // 4:]  # the last quarter is the answer, as make_batch
+    ids = bos_and(B, T)
+    # transformers shifts: nothing predicts the first token (ours would, from the modality token); the answer is the
+    # last quarter, as make_batch
+    every, answer = ids.clone(), ids.masked_fill(torch.arange(T) < 3 * T // 4, IGNORE)
+    every[:, 0] = IGNORE
     text = torch.zeros(B, dtype=torch.long)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opts = [torch.optim.AdamW(trainable, lr=1e-4), torch.optim.AdamW(trainable, lr=1e-4)]
+    # lr 0: AdamW does all its work, but the weights stay equal (each side draws its own dropout masks, so their
+    # gradients differ), and the losses and tokens compared afterwards still come from the same weights.
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (ours, theirs)]
 
     def step(loss, opt):
         loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model.eval()
-    with torch.no_grad():
-        gap = abs(model(ids, text, labels=labels).item() - reference_loss(R, ids, labels, False).item())
-    model.train()
-    rows = {"LoRA step": race(lambda: step(lambda: model(ids, text, labels=labels), opts[0]),
-                              lambda: step(lambda: reference_loss(R, ids, labels), opts[1]), args)}
-    model.eval()
-    model.merge(0)  # generation serves a merged model, as sample.py does (and peft's merge_and_unload)
-    Rm = reference_weights(model)
+    rows = {}
+    for name, labels in (("train, every label", every), ("train, answer only", answer)):
+        ours.eval(), theirs.eval()
+        with torch.no_grad():  # same weights, same loss: dropout off
+            gap = abs(ours(ids, text, labels=labels).item() - theirs(input_ids=ids, labels=labels).loss.item())
+        ours.train(), theirs.train()
+        rows[name] = race(lambda: step(lambda: ours(ids, text, labels=labels), opts[0]),
+                          lambda: step(lambda: theirs(input_ids=ids, labels=labels).loss, opts[1]), args)
+        rows[name]["same"] = f"loss gap {gap:.0e}"
+    ours.eval()
+    ours.merge(0)  # generation serves merged models: ours as sample.py does, theirs by peft's merge_and_unload
+    hf = theirs.merge_and_unload().eval()
     with torch.no_grad():
         for b in (1, 8):
-            p = torch.randint(3, cfg["vocab_size"], (b, prompt), generator=g)
-            p[:, 0] = 1
-            ours = lambda: generate(model, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
-            ref = lambda: reference_generate(Rm, p, new)
-            rows[f"generate b={b}"] = race(ours, ref, args) | {"same_tokens": ours() == ref()}
-    model.unmerge()
-    print(f"== Ours vs a transformers-style reference (a re-implementation of transformers' eager LLaMA + peft LoRA, "
-          f"not the library), {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, dim "
-          f"{cfg['dim']}, {cfg['n_layers']} layers, FFN {cfg['hidden_dim']}, vocab {cfg['vocab_size']}, LoRA r=8; "
-          f"train {B} x {T}, generate {prompt} + {new} tokens; loss gap {gap:.1e} ==")
-    table(["", "ours ms", "ref ms", "ratio", "pairwise", "same tokens"],
-          [[name, f"{r['ours_ms']:.0f}", f"{r['ref_ms']:.0f}", f"{r['ratio']:.2f}",
-            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", {None: "-", True: "yes", False: "NO"}[r.get("same_tokens")]]
-           for name, r in rows.items()])
-    print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ratio < 1: ours is faster")
-    return {"device": str(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "loss_gap": gap, "rows": rows}
+            p = bos_and(b, prompt)
+            mine = lambda: generate(ours, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
+            their = lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new, do_sample=False,
+                                        return_dict_in_generate=True)
+            rows[f"generate, batch {b}"] = race(mine, their, args)
+            out = their()
+            same = mine() == out.sequences[:, prompt:].tolist()
+            rows[f"generate, batch {b}"]["same"] = "same tokens" if same else "TOKENS DIFFER"
+    side = {"attention": hf.config._attn_implementation, "cache": type(out.past_key_values).__name__}
+    head = ours.llama.output.weight.numel()
+    side["head_%"] = 100 * head / (head + sum(p.numel() for n, p in ours.llama.layers.named_parameters()
+                                              if p.dim() == 2 and not p.requires_grad))
+    return rows, side
+
+
+def compare(args, shapes=COMPARE_SHAPES, batch=(4, 256), prompt=32, new=128) -> dict:
+    """Ours against transformers + peft at each shape: ratio table ours / theirs, medians of interleaved runs."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        raise UserError("--compare races the real transformers + peft, which are not installed here: "
+                        "pip install transformers peft") from None
+    transformers.logging.set_verbosity_error()  # their generate's notes on absent generation settings
+    transformers.logging.disable_progress_bar()  # and save_pretrained's
+    result = {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "shapes": {}}
+    for name, cfg in shapes.items():
+        rows, side = compare_shape(cfg, args, batch, prompt, new)
+        result["shapes"][name] = {"rows": rows, **side}
+    first = next(iter(result["shapes"].values()))
+    print(f"== Ours vs transformers {result['transformers']} LlamaForCausalLM + peft {result['peft']} LoRA "
+          f"(attention {first['attention']}, generate's cache {first['cache']}), torch {torch.__version__}, "
+          f"{args.device}, {result['threads']} threads, fp32; same weights; LoRA r={COMPARE_LORA.lora_rank} on all "
+          f"seven linears; train {batch[0]} x {batch[1]} tokens, generate {prompt} + {new} tokens greedy ==")
+    table(["shape", "", "ours ms", "theirs ms", "ours/theirs", "pairwise", "agree"],
+          [[f"{name} (head {s['head_%']:.0f}%)", row, f"{r['ours_ms']:.0f}", f"{r['theirs_ms']:.0f}",
+            f"{r['ratio']:.2f}", f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", r["same"]]
+           for name, s in result["shapes"].items() for row, r in s["rows"].items()], left=2)
+    print(f"  medians of {args.steps} interleaved runs after {args.warmup} warm-up; ours/theirs < 1: ours is faster; "
+          f"head: the vocabulary head's share of the matmul weights")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -804,19 +782,15 @@ def _measure_load(folder: str, dtype) -> dict:
 
 
 def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[dict]:
-    """
-    Write a random LLaMA (0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention, so that q
-    and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded Hugging Face
+    """Write a random LLaMA (0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention, so that
+    q and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded Hugging Face
     folder; load it keeping bf16 and converting to fp32, each in a fresh process; report the peak growth of resident
-    memory against one copy of the loaded weights.
-    """
+    memory against one copy of the loaded weights."""
     shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + f"self_attn.{x}_proj.weight": (dim, dim) for x in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim),
-                   p + "mlp.down_proj.weight": (dim, ffn), p + "input_layernorm.weight": (dim,),
-                   p + "post_attention_layernorm.weight": (dim,)}
+    for p in (f"model.layers.{i}." for i in range(n_layers)):
+        shapes |= {p + f"self_attn.{x}_proj.weight": (dim, dim) for x in "qkvo"} | {
+            p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim), p + "mlp.down_proj.weight":
+            (dim, ffn), p + "input_layernorm.weight": (dim,), p + "post_attention_layernorm.weight": (dim,)}
     with tempfile.TemporaryDirectory() as folder:
         names, weight_map = list(shapes), {}
         for s in range(shards):  # one shard in memory at a time; a layer's tensors straddle shards, as they can
@@ -832,8 +806,8 @@ def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[d
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             results = [pool.apply(_measure_load, (folder, dtype)) for dtype in (None, torch.float32)]
     n = sum(math.prod(s) for s in shapes.values())
-    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B "
-          f"parameters in bf16 safetensors), then every weight read once; peak growth of resident memory:")
+    print(f"load_llama on a random {shards}-shard Hugging Face LLaMA ({n / 1e9:.2f}B parameters in bf16 safetensors), "
+          f"then every weight read once; peak growth of resident memory:")
     for r in results:
         print(f"  to {r['dtype']:<9} {r['weights_GB']:.2f} GB of weights, loaded in {r['load_s']:.1f} s, "
               f"{r['rss_after_load_GB']:.2f} GB resident after load_llama: peak {r['peak_rss_GB']:.2f} GB = "
@@ -868,14 +842,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.compare:
         return compare(args)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the adapters' dropout masks
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
     amp = torch.autocast(args.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     peak, peak_src = device_peak(args)
     dev_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
-    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); "
-          f"peak: {si(peak, 'FLOP/s')} [{peak_src}]; torch {torch.__version__}")
+    print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); peak: {si(peak, 'FLOP/s')} "
+          f"[{peak_src}]; torch {torch.__version__}")
     result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
               "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
 
@@ -901,17 +875,13 @@ def main(argv=None) -> dict:
     sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
     result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),
                                 "truncated_%": 100 * float((sqa >= MAX_SEQ_LEN).mean())}
+    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
     rows = [r for r in result["train"] if "error" not in r]
     print_train(result, args, rows, T)
     print_extrapolation(result, args, rows)
     print_generation(args, rows)
-
-    result["nf4_bytes"] = [frozen_bytes(size) for size in PAPER]
     print_nf4(result, args)
-
-    for r in result["train"]:
-        r.pop("flop_model", None)  # printed above; the JSON keeps the totals
-    text = json.dumps(result)
+    text = json.dumps(result | {"train": [{k: v for k, v in r.items() if k != "flop_model"} for r in result["train"]]})
     print("\n== JSON ==\n" + text)
     if args.json:
         Path(args.json).write_text(text + "\n")

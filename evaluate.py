@@ -215,7 +215,6 @@ def format_table(scores: dict) -> str:
     return f"{head}\n{acc}\n{n}\nunparsed answers (random fallback): {scores['n_fallback']}"
 
 
-
 # =====================================================================================================================
 # Batched evaluation on ScienceQA (also train.py's end-of-training evaluation)
 

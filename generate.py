@@ -69,35 +69,70 @@ class PackedLinear(nn.Module):
     A frozen linear for CPU inference in fp32, its weight reordered once into oneDNN's blocked layout (what
     torch.compile's CPU weight-prepacking pass does): decode is a chain of matrix-vector products that read every
     weight once per token, and the blocked layout reads them faster than F.linear's plain one. Same math; sums may
-    round differently in the last bit.
+    round differently in the last bit. Several linears that read the same input (q, k, v; w1, w3) become one, over
+    their weights stacked: one call instead of three or two per block and token (Attention.wqkv).
     """
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lins: list[nn.Linear]):
         super().__init__()
-        self.weight, self.bias = lin.weight, lin.bias  # kept for the dtype and device that setup_cache reads
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None)
+        self.weight = lins[0].weight  # kept for the dtype and device that setup_cache reads
+        stack = lambda ts: ts[0].detach() if len(ts) == 1 else torch.cat([t.detach() for t in ts])  # (out, in)
+        self.bias = None if lins[0].bias is None else stack([lin.bias for lin in lins])
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(stack([lin.weight for lin in lins]), None)
+        # What it was packed from: the very tensors (holding them keeps their ids unique) and their in-place versions
+        self.sources = [(t, t._version) for lin in lins for t in (lin.weight, lin.bias) if t is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def packs(self, lins: list[nn.Linear]) -> bool:
+        """Whether this still packs exactly these linears' current values: the same tensors, untouched since (merge,
+        unmerge, load_state_dict and optimizer steps all write in place, which bumps a tensor's version)."""
+        now = [t for lin in lins for t in (lin.weight, lin.bias) if t is not None]
+        return len(now) == len(self.sources) and all(t is s and t._version == v for t, (s, v) in zip(now, self.sources))
 
 
 @contextmanager
 def packed_linears(llama: Transformer):
     """While generating on CPU in fp32, swap every static linear of the LLaMA (plain, merged LoRA, MMA folded into
-    q/k/v) for a PackedLinear; restore the originals afterwards. Elsewhere (GPU, bf16, unmerged LoRA, MixLoRA) a
-    no-op. Measured on 2 quiet cores, one row decodes in 0.68x the time of F.linear and eight in about half; on cores
-    other processes keep busy, oneDNN's threads can wait on each other and one row was seen 5x slower."""
+    q/k/v) for a PackedLinear, q/k/v and w1/w3 stacked into one each (Attention.wqkv, FeedForward.w13); restore the
+    originals afterwards. Elsewhere (GPU, bf16, unmerged LoRA, MixLoRA) a no-op. Measured on 2 quiet cores, one row
+    decodes in 0.68x the time of F.linear and eight in about half; on cores other processes keep busy, oneDNN's
+    threads can wait on each other and one row was seen 5x slower.
+    Packing reads and rewrites every weight (a generate call of 64 tokens at dim 512 spent 11% of its time on it), so
+    the packed copies stay in llama.packed for the next call and are reused while their sources are unchanged
+    (PackedLinear.packs); each call keeps only what it used. The cost: one more copy of the LLaMA's static weights
+    stays in memory between calls, as it already did during each call."""
     w = llama.output.weight
     usable = w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    static = lambda lin: type(lin) is nn.Linear or (isinstance(lin, LoRALinear) and lin.merged)
+    groups = [(layer.attention, "wqkv", ("wq", "wk", "wv")) for layer in llama.layers]
+    groups += [(layer.feed_forward, "w13", ("w1", "w3")) for layer in llama.layers]
+    groups = [(mod, name, [getattr(mod, n) for n in parts]) for mod, name, parts in groups]
+    fused = [(mod, name, lins) for mod, name, lins in groups  # biases: all or none (MMA's fold gives q/k/v all one)
+             if usable and all(static(lin) for lin in lins) and len({lin.bias is None for lin in lins}) == 1]
+    done = {id(lin) for _, _, lins in fused for lin in lins}  # their own packing would go unused
     swaps = [(mod, name, lin) for mod in llama.modules() for name, lin in mod.named_children()
-             if usable and (type(lin) is nn.Linear or (isinstance(lin, LoRALinear) and lin.merged))]
+             if usable and static(lin) and id(lin) not in done]
+    kept, llama.packed = llama.packed, {}
+
+    def packed(lins):  # the cached PackedLinear of these linears if it is still theirs, else a fresh one
+        key = tuple(id(lin) for lin in lins)
+        p = kept[key] if key in kept and kept[key].packs(lins) else PackedLinear(lins)
+        llama.packed[key] = p
+        return p
+
     for mod, name, lin in swaps:
-        setattr(mod, name, PackedLinear(lin))
+        setattr(mod, name, packed([lin]))
+    for mod, name, lins in fused:
+        setattr(mod, name, packed(lins))
     try:
         yield
     finally:
         for mod, name, lin in swaps:
             setattr(mod, name, lin)
+        for mod, name, _ in fused:
+            setattr(mod, name, None)
 
 
 def for_modality(model: LaVIN, modality: int, merge: bool = True):

@@ -128,11 +128,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        # q, k and v as one product over their stacked weights (gpt-fast's wqkv), set only while evaluate.generate runs
+        # on CPU (evaluate.packed_linears, which stacks and packs them once and keeps them). Only there: stacking in
+        # every forward would copy the weights each time (at decode, reading them three times instead of once), and in
+        # training the stacked products measured no faster on CPU (README, Benchmark).
+        self.wqkv: nn.Module | None = None
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape  # B batch, T new tokens; S attended slots, H query heads, Hkv key/value heads, D head dim
-        q, k, v = (w(x).view(B, T, -1, self.head_dim) for w in (self.wq, self.wk, self.wv))  # (B, T, H|Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is None:
+            q, k, v = (w(x).view(B, T, -1, D) for w in (self.wq, self.wk, self.wv))  # (B, T, H|Hkv, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # one product, and one RoPE pass over q's and k's heads together (the same angles): fewer small ops
+            qk, v = self.wqkv(x).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
+            q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)  # (B, T, H|Hkv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, Hkv, S, D)
@@ -148,9 +158,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # w1 and w3 as one product while generating on CPU, as Attention.wqkv
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer 2020)
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer 2020)
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -188,6 +202,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.grad_ckpt = False  # activation checkpointing of every block (train.py --grad_ckpt)
+        self.packed: dict = {}  # CPU generation's prepacked weights, kept between calls (evaluate.packed_linears)
         self.init_rope()
 
     def init_rope(self, device=None):

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -98,6 +99,17 @@ def tiny_lavin(method="mma", noise=0.05, vocab_size=64, max_seq_len=64, **kw):
                 if p.requires_grad and p.ndim >= 1:
                     p.add_(noise * torch.randn_like(p))
     return model
+
+
+def hf_libs():
+    """transformers and peft, for the tests that check against them (.ci/run installs both), or a skip saying so."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        pytest.skip("needs transformers and peft (test-only): pip install transformers peft")
+    transformers.logging.disable_progress_bar()
+    return transformers, peft
 
 
 def make_batch(B=3, T=14, vocab=64):
@@ -1056,6 +1068,30 @@ def test_clip_image_errors(tmp_path):
         load_image(tmp_path / "cut.png")
 
 
+def test_clip_load_clip_reads_transformers_save_pretrained(tmp_path):
+    # A CLIPModel written by transformers' own save_pretrained loads through load_clip and gives transformers'
+    # features: the class token after every block (LaVIN's visual tokens) and the projected image embedding.
+    transformers, _ = hf_libs()
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8, projection_dim=24)
+    theirs = transformers.CLIPModel(transformers.CLIPConfig(
+        vision_config=vision, projection_dim=24, text_config=dict(hidden_size=16, intermediate_size=32,
+                                                                  num_hidden_layers=1, num_attention_heads=2))).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0.0, 0.2)  # norms and biases too: a name mapped wrongly shows
+    theirs.save_pretrained(tmp_path)
+    ours = load_clip(tmp_path, feature_every=1)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = theirs.vision_model(pixel_values=images, output_hidden_states=True).hidden_states  # (1 + L) x (B, T, W)
+        torch.testing.assert_close(ours(images), torch.stack([h[:, 0] for h in hidden[1:]], 1), rtol=1e-5, atol=1e-5)
+        want = theirs.get_image_features(pixel_values=images)
+        want = getattr(want, "pooler_output", want)  # transformers 5 wraps it in an output object
+        torch.testing.assert_close(ours.encode_image(images), want, rtol=1e-5, atol=1e-5)
+
+
 # =====================================================================================================================
 # adapters.py: MM-Adapter, LoRA, MixLoRA, NF4 / QLoRA
 # =====================================================================================================================
@@ -1413,6 +1449,113 @@ def meta_reference_logits(sd: dict, args: ModelArgs, tokens: torch.Tensor) -> to
     return (rmsnorm(h, sd["norm.weight"]) @ sd["output.weight"].T).float()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# A second oracle, for LoRA, the KV cache and generation: transformers' eager LlamaForCausalLM + peft's LoRA, written
+# out by hand (so it runs without either library): rotate_half RoPE (wq/wk rows permuted as HF's
+# convert_llama_weights_to_hf.py does), repeat_kv, an explicit additive mask, a KV cache grown by concatenation, the
+# head on the last position only at generation (their logits_to_keep), and peft-style LoRA with its own dropout and
+# scaling per linear. A correctness check only: bench.py --compare times the real libraries.
+
+def reference_weights(model) -> dict:
+    """Our LaVIN's LLaMA weights in transformers' layout: {name: (W, A, B, scaling, dropout)} per layer; A is None
+    for a merged LoRA, which is then a plain linear (peft's merge_and_unload)."""
+    llama = model.llama
+    H, D = llama.args.n_heads, llama.args.head_dim
+    perm = lambda w: w.view(H, D // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)  # interleaved -> halves
+    layers = []
+    for layer in llama.layers:
+        a, f = layer.attention, layer.feed_forward
+        lins = {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "gate": f.w1, "up": f.w3, "down": f.w2}
+        layers.append({n: ((perm(m.weight) if n in "qk" else m.weight), None if m.merged else m.lora_A,
+                           perm(m.lora_B) if n in "qk" else m.lora_B, m.scaling, m.dropout.p) for n, m in lins.items()})
+        layers[-1].update(ln1=layer.attention_norm.weight, ln2=layer.ffn_norm.weight)
+    return {"layers": layers, "emb": llama.tok_embeddings.weight, "norm": llama.norm.weight,
+            "head": llama.output.weight, "H": H, "eps": llama.args.norm_eps, "theta": llama.args.rope_theta}
+
+
+def reference_forward(R, ids, pos0: int, cache=None, train=False, last_only=False):
+    """ids (B, T) at RoPE positions pos0.. (ours puts the modality token at 0, so prompts start at 1) -> logits."""
+    def lora(x, w):  # peft's Linear: base(x) + lora_B(lora_A(dropout(x))) * scaling
+        W, A, Bm, s, p = w
+        y = F.linear(x, W)
+        return y if A is None else y + F.linear(F.linear(F.dropout(x, p, train), A), Bm) * s
+
+    def rms(x, w):
+        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + R["eps"])).to(x.dtype)
+
+    def rot(x):  # rotate_half
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+    B, T = ids.shape
+    H = R["H"]
+    h = R["emb"][ids]  # (B, T, C)
+    D = h.shape[-1] // H
+    past = cache[0][0].shape[2] if cache else 0
+    inv = 1.0 / (R["theta"] ** (torch.arange(0, D, 2).float() / D))
+    fr = torch.outer(torch.arange(pos0 + past, pos0 + past + T).float(), inv)
+    cos, sin = torch.cat((fr, fr), -1).cos(), torch.cat((fr, fr), -1).sin()  # (T, D)
+    mask = torch.full((T, past + T), float("-inf")).triu(past + 1)  # (T, S) additive causal mask
+    for i, L in enumerate(R["layers"]):
+        x = rms(h, L["ln1"])
+        q, k, v = (lora(x, L[n]).view(B, T, -1, D).transpose(1, 2) for n in ("q", "k", "v"))  # (B, H, T, D)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        if cache is not None:
+            if len(cache) > i:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+                cache[i] = (k, v)
+            else:
+                cache.append((k, v))
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # repeat_kv
+        att = torch.softmax((q @ k.transpose(2, 3) / math.sqrt(D) + mask).float(), -1).to(q.dtype) @ v
+        h = h + lora(att.transpose(1, 2).reshape(B, T, -1), L["o"])
+        x = rms(h, L["ln2"])
+        h = h + lora(F.silu(lora(x, L["gate"])) * lora(x, L["up"]), L["down"])
+    h = rms(h, R["norm"])
+    return F.linear(h[:, -1:] if last_only else h, R["head"]).float()
+
+
+def reference_generate(R, ids, new: int) -> list[list[int]]:
+    cache, out, x = [], [], ids
+    for _ in range(new):
+        out.append(reference_forward(R, x, 1, cache, last_only=True)[:, -1].argmax(-1))  # (B,)
+        x = out[-1][:, None]
+    return torch.stack(out, 1).tolist()
+
+
+def reference_loss(R, ids, labels, train=True):
+    logits = reference_forward(R, ids, 1, train=train)  # transformers: position t predicts label t + 1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def oracle_models(cfg: dict, seed: int = 0):
+    """Ours (LaVIN with LoRA r=8 on the seven linears, tiny CLIP) with random weights, and the oracle's view."""
+    torch.manual_seed(seed)
+    model = LaVIN(Transformer(ModelArgs(**cfg)), VisionTransformer(VISION_PRESETS["tiny"]),
+                  AdapterArgs(method="lora", lora_rank=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)  # the LoRA B too, so the updates are not zero
+    return model, reference_weights(model)
+
+
+def test_model_lora_loss_and_greedy_tokens_match_transformers_style_oracle():
+    # LoRA forward, label-only head and cached greedy decoding against the eager oracle above: same loss and tokens
+    cfg = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=300)
+    model, R = oracle_models(cfg)
+    model.eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    labels = torch.full_like(ids, data.IGNORE)
+    labels[:, 8:] = ids[:, 8:]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, torch.zeros(2, dtype=torch.long), labels=labels),
+                                   reference_loss(R, ids, labels, train=False), rtol=1e-5, atol=1e-5)
+    model.merge(0)
+    assert generate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
+        reference_generate(reference_weights(model), ids, 8)
+
+
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 def test_model_llama_matches_meta_reference(n_kv_heads):
     torch.manual_seed(0)
@@ -1457,6 +1600,59 @@ def test_model_meta_device_build_costs_nothing():
         model = Transformer(LLAMA_PRESETS["13B"])
     assert sum(p.numel() for p in model.parameters()) == 13_015_864_320  # LLaMA-13B
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_model_load_llama_reads_transformers_save_pretrained(tmp_path, kv_heads):
+    # transformers' own save_pretrained (safetensors, its q/k row order, GQA too) -> load_llama -> transformers' logits
+    transformers, _ = hf_libs()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=97,
+                                   rms_norm_eps=1e-5, max_position_embeddings=64)
+    theirs = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0.0, 0.2)  # the norms too
+    theirs.save_pretrained(tmp_path)
+    ours = load_llama(tmp_path)
+    assert (ours.args.n_kv_heads, ours.args.ffn_dim, ours.args.vocab_size) == (kv_heads, 96, 97)
+    tokens = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_model_lora_matches_peft_and_greedy_tokens_match_transformers_generate():
+    # bench.py --compare's pair at a tiny shape: our LaVIN with LoRA on the LLaMA transformers wrote, and that model
+    # under a peft LoRA with the same factors. Same logits, same loss gradients on every LoRA factor, and after
+    # merging (ours: merge, theirs: merge_and_unload) the same greedy tokens as transformers' generate.
+    hf_libs()
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=96, vocab_size=97)
+    with tempfile.TemporaryDirectory() as folder:
+        ours, theirs = bench.compare_pair(cfg, folder, seed=0)
+    ours.eval(), theirs.eval()  # dropout off; gradients still flow
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, 0] = IGNORE  # transformers shifts: nothing predicts the first token
+    text = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(ours(ids, text)[:, 1:], theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    ours(ids, text, labels=labels).backward()
+    theirs(input_ids=ids, labels=labels).loss.backward()
+    mine = dict(ours.llama.named_parameters())
+    grads = {n: p.grad for n, p in theirs.named_parameters() if ".lora_" in n}
+    assert len(grads) == 2 * 7 * 2  # A and B of seven linears in two layers
+    for name, g in grads.items():
+        ours_name, to_ours = bench.peft_twin(name, ours.llama.args)
+        torch.testing.assert_close(mine[ours_name].grad, to_ours(g), rtol=1e-4, atol=1e-6)
+    ours.merge(0)
+    hf = theirs.merge_and_unload()
+    prompts = torch.randint(3, 97, (3, 7), generator=torch.Generator().manual_seed(1))
+    prompts[:, 0] = 1
+    with torch.no_grad():
+        want = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8, do_sample=False)
+    assert generate.generate(ours, prompts.tolist(), [False] * 3, None, max_new_tokens=8, eos_id=-1) == \
+        want[:, 7:].tolist()
 
 
 @needs_shared
@@ -1988,17 +2184,31 @@ def test_generate_batched_equals_alone_and_cache_equals_recompute():
 def test_generate_takes_packed_path_with_the_same_tokens():
     # The fast path is the one generate (and so sample.py's chat, one-shot and --eval) runs: every LLaMA linear is
     # a PackedLinear while tokens come out, the originals are back afterwards, and the tokens equal a plain
-    # recomputation without cache or packing (bench's transformers-style reference, merged LoRA).
+    # recomputation without cache or packing (the transformers-style oracle, merged LoRA).
     model = tiny_lavin("lora").eval()
     model.merge(0)
     seen = []
     p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
     p[:, 0] = 1
+    layer = model.llama.layers[1]
     out = generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
-        all(isinstance(m, PackedLinear) for m in (model.llama.output, model.llama.layers[1].feed_forward.w2))))
+        all(isinstance(m, PackedLinear) for m in (model.llama.output, layer.feed_forward.w2, layer.attention.wqkv,
+                                                   layer.feed_forward.w13))))
     assert seen == [True] * 6
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    assert out == bench.reference_generate(bench.reference_weights(model), p, 6)
+    assert layer.attention.wqkv is None and layer.feed_forward.w13 is None  # q/k/v and w1/w3 stacked only meanwhile
+    assert out == reference_generate(reference_weights(model), p, 6)
+    # The packed weights are kept for the next call, and packed again once a weight changes in place
+    first = dict(model.llama.packed)
+    assert len(first) == 2 * 4 + 2 * 4 + 1  # q/k/v and w1/w3 of each of 4 layers stacked; wo, w2; the head
+    assert generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1) == out
+    assert all(model.llama.packed[k] is v for k, v in first.items())
+    with torch.no_grad():
+        layer.feed_forward.w3.weight.mul_(3.0)
+    assert generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1) == \
+        reference_generate(reference_weights(model), p, 6)
+    fresh = [k for k, v in model.llama.packed.items() if v is not first[k]]
+    assert fresh == [(id(layer.feed_forward.w1), id(layer.feed_forward.w3))]
     lengths = [p[0, :4].tolist(), p[1].tolist()]  # different lengths in one batch: as each alone
     both = generate.generate(model, lengths, [False, False], None, max_new_tokens=6, eos_id=-1)
     assert both == [generate.generate(model, [q], [False], None, max_new_tokens=6, eos_id=-1)[0] for q in lengths]
@@ -2820,9 +3030,22 @@ def test_bench_cpu_side_by_side_run(capsys, tmp_path):
     assert [(r["method"], r["quant"]) for r in parsed["train"]] == [
         ("mma", None), ("lora", None), ("mixlora", None), ("full", None), ("mma", "nf4"), ("lora", "nf4"),
         ("mixlora", "nf4")]
+    # Exact trainable counts of the tiny model (LLaMA dim 128, 4 layers, FFN 352; CLIP width 128, 6 blocks), the same
+    # on a 4-bit base. Each adapter method also trains the neck (2 x (128 x 128 + 128) = 33,024). MMA: 20 C + 10 per
+    # adapter, 4 LLaMA + 6 CLIP ones, and the 2 x 128 modality embedding; LoRA r=64 on 7 linears of 4 layers:
+    # 64 x (4 x (128 + 128) + 3 x (128 + 352)) each; MixLoRA: pools of 16 x the same widths plus the factor routers;
+    # full: all but CLIP's unused ln_post and projection (8,448) and the modality embedding.
+    trainable = {"mma": 10 * (20 * 128 + 10) + 256 + 33_024, "lora": 4 * 64 * 2464 + 33_024, "mixlora": 620_800,
+                 "full": 2_398_336 - 8_448 - 256}
     for r in parsed["train"]:
-        assert "error" not in r and r["step_ms"] > 0 and r["flops_per_step"] > 0
-        assert set(r["extrapolation"]) == {"scienceqa", "pad512"}
+        assert r["trainable"] == trainable[r["method"]], r["label"]
+        assert "error" not in r and set(r["extrapolation"]) == {"scienceqa", "pad512"}
+        numbers = [r[k] for k in ("step_ms", "tokens_s", "useful_tokens_s", "samples_s", "flops_per_step",
+                                  "achieved_flops_s")] + [e["seconds"] for e in r["extrapolation"].values()]
+        assert all(math.isfinite(x) and x > 0 for x in numbers), r["label"]
+        assert r["tokens_s"] == pytest.approx(r["samples_s"] * parsed["batch"]["padded_to"])
+        gen = r["generation"]["unmerged"]
+        assert all(math.isfinite(gen[k]) and gen[k] > 0 for k in ("tok_s", "decode_tok_s", "prefill_ms"))
     # every method has a row in the training table, twice in the extrapolation table, and one in generation
     tables = text.split("== 2.")[1].split("== JSON ==")[0]  # parts 2-4
     for label in ("MMA (LaVIN)", "LoRA r=64", "MixLoRA E=16 r=4", "Full"):
@@ -2841,27 +3064,51 @@ def test_bench_cpu_side_by_side_run(capsys, tmp_path):
     assert all(q["frozen_gb"] < r["frozen_gb"] and q["dequant_ms"] > 0 and r["dequant_ms"] is None
                for r, q in zip(base, nf4))
     assert "fp32 base against a 4-bit one" in text and "LoRA r=64/NF4 " in tables
+    part5 = text.split("fp32 base against a 4-bit one")[1].splitlines()[2:5]  # one row per adapter method
+    assert [line.split()[0] for line in part5] == ["mma", "lora", "mixlora"]
+    for line, r, q in zip(part5, base, nf4):  # its ratio column is the 4-bit step over the fp32 one, as printed
+        assert float(line.split()[3]) == pytest.approx(q["step_ms"] / r["step_ms"], abs=0.006)
     assert gen["mixlora"]["merged"] is None and gen["full"]["merged"] is None
     mma_rows = {r["model"]: r["trainable"] for r in parsed["params"] if r["method"] == "MMA (LaVIN)"}
     assert mma_rows == {"LaVIN-7B": 3_781_296, "LaVIN-13B": 5_390_080}
     assert result["train"][0]["label"] == "MMA (LaVIN)"
 
 
-def test_bench_reference_matches_ours():
-    # bench.py --compare times ours against this stand-in for transformers + peft: same loss, same greedy tokens
-    cfg = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=300)
-    model, R = bench.compare_models(cfg)
-    model.eval()
-    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = 1
-    labels = torch.full_like(ids, data.IGNORE)
-    labels[:, 8:] = ids[:, 8:]
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, torch.zeros(2, dtype=torch.long), labels=labels),
-                                   bench.reference_loss(R, ids, labels, train=False), rtol=1e-5, atol=1e-5)
-    model.merge(0)
-    assert generate.generate(model, ids.tolist(), [False, False], None, max_new_tokens=8, eos_id=-1) == \
-        bench.reference_generate(bench.reference_weights(model), ids, 8)
+def test_bench_compare_against_transformers(capsys, monkeypatch):
+    # --compare at a tiny shape: each shape's four rows, their medians and ratios finite, the same loss and greedy
+    # tokens on both sides, and the versions, attention and cache it ran against in the header
+    transformers, peft = hf_libs()
+    args = bench.get_args(["--compare", "--steps", "2", "--warmup", "0"])
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    shapes = {"vocab 300": cfg | {"vocab_size": 300}, "vocab 40": cfg | {"vocab_size": 40}}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        result = bench.compare(args, shapes, batch=(2, 16), prompt=6, new=5)
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert f"transformers {transformers.__version__} LlamaForCausalLM + peft {peft.__version__} LoRA" in text
+    first = result["shapes"]["vocab 300"]
+    assert f"(attention {first['attention']}, generate's cache {first['cache']})" in text
+    assert text.splitlines()[1].split() == ["shape", "ours", "ms", "theirs", "ms", "ours/theirs", "pairwise", "agree"]
+    names = ["train, every label", "train, answer only", "generate, batch 1", "generate, batch 8"]
+    for shape, s in result["shapes"].items():
+        assert list(s["rows"]) == names
+        for name, r in s["rows"].items():
+            assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("ours_ms", "theirs_ms", "ratio"))
+            assert r["ratio"] == pytest.approx(r["ours_ms"] / r["theirs_ms"])
+            line = next(x for x in text.splitlines() if x.startswith(shape) and name in x)
+            assert f"{r['ratio']:.2f}" in line.split()
+            if name.startswith("train"):
+                assert float(r["same"].split()[-1]) < 1e-5  # "loss gap 3e-07"
+            else:
+                assert r["same"] == "same tokens"
+    # the head's share of the matmul weights: 300 x 64 against 2 layers of 4 x 64² + 3 x 64 x 96
+    assert first["head_%"] == pytest.approx(100 * 300 * 64 / (300 * 64 + 2 * (4 * 64**2 + 3 * 64 * 96)))
+    monkeypatch.setitem(sys.modules, "peft", None)  # not installed: one line saying how to get it
+    with pytest.raises(evaluate.UserError, match="pip install transformers peft"):
+        bench.compare(args, shapes)
 
 
 # =====================================================================================================================
