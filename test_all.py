@@ -2237,6 +2237,57 @@ def test_train_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
     assert wa.keys() == wb.keys()
 
 
+def _text_only_rank_worker(rank, world, fsdp):
+    """Every rank: one process on the global batch (rows 0-2 of make_batch, row 0 text-only) for 6 SGD steps, then DDP
+    or FSDP2 (train.py's wrap_model) where, for steps 1-3, rank 0's micro-batch is the text-only row and rank 1's the
+    two image rows, and for steps 4-6 the reverse. Losses and trained weights must agree to 1e-5 (relative)."""
+    tokens, has_image, vis_mask, imgs, labels = make_batch()
+    n_global = int((labels != IGNORE).sum())
+    img_idx = has_image.cumsum(0) - 1  # each image row's index into imgs
+
+    def steps(model, rows_of_step, world_=1):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)  # linear in the gradient
+        out = []
+        for rows in map(torch.tensor, rows_of_step):
+            im = has_image[rows] == 1
+            loss = model(tokens[rows], has_image[rows], vis_mask[rows], imgs[img_idx[rows][im]] if im.any() else None,
+                         labels=labels[rows], reduction="sum")
+            opt.zero_grad()
+            (loss * world_ / n_global).backward()
+            opt.step()
+            out.append(loss.detach() / n_global)
+        return torch.stack(out)
+
+    text, image = [0], [1, 2]
+    mine = [[text, image][rank]] * 3 + [[image, text][rank]] * 3
+    cases = {"mma": lambda: tiny_lavin("mma", adapter_dropout=0.0), "lora": lambda: tiny_lavin("lora", lora_dropout=0.0),
+             "lite-nf4": lambda: quantize_llama_(tiny_lavin("mma", adapter_dropout=0.0))}
+    for name, make in cases.items():
+        ref_model = make().train()
+        ref = steps(ref_model, [[0, 1, 2]] * 6)
+        model = make().train()
+        wrapped = wrap_model(model, Namespace(fsdp=fsdp, grad_ckpt=False, compile=False), torch.device("cpu"), world)
+        got = steps(wrapped, mine, world)
+        dist.all_reduce(got)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=0, msg=name)
+        a, b = trainable_state_dict(model), trainable_state_dict(ref_model)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_train_text_only_rank_beside_image_rank(monkeypatch, fsdp):
+    """A rank whose micro-batch holds no image issues the same collectives as one that holds images (the vision tower
+    runs on every rank at the same point), and the result equals one process's. TORCH_DISTRIBUTED_DEBUG=DETAIL checks
+    every collective's kind and shapes across ranks and raises on a mismatch. DDP: at INFO, because torch 2.13 crashes
+    (SIGSEGV) constructing DDP over the DETAIL-wrapped gloo group, even for one nn.Linear; DDP checks by itself that
+    every trainable parameter got a gradient on every rank (no find_unused_parameters), and its collectives are the
+    gradient buckets, the same on every rank."""
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL" if fsdp else "INFO")
+    spawn(_text_only_rank_worker, fsdp)
+
+
 def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
     flags = list(tiny_setup["flags"])
     llama_dir = Path(flags[flags.index("--llama_dir") + 1])

@@ -313,7 +313,7 @@ def wrap_model(model: LaVIN, args, device, world: int):
         fully_shard(model, mp_policy=mp)
         return model
     # Frozen parameters get no gradient buckets, so DDP communicates the adapters only. Every trainable parameter gets
-    # a gradient every step (LaVIN.visual_touch covers image-free micro-batches), so no find_unused_parameters. No
+    # a gradient every step (LaVIN.embed runs the vision tower on image-free micro-batches too), so no find_unused_parameters. No
     # buffer changes and every rank loads the same weights, so none is broadcast, neither at wrapping nor every forward
     # (for a 4-bit base: the whole base). Its successor forward_sync_buffers=False would still broadcast at wrapping,
     # so torch (2.13) itself advises broadcast_buffers=False for this case, and its deprecation warning is noise here.
