@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -130,21 +131,28 @@ def check_writable(flag: str, folder):
 def cli(main):
     """
     Run a script's main() as a command. A user error (UserError; a missing, unreadable or malformed file, which the
-    loaders report as FileNotFoundError or ValueError; an OSError such as a full or read-only disk; Ctrl-C) prints one
-    line, with what to do next when the failure added a note (train.py's resume command), and exits non-zero (130
-    for Ctrl-C). --debug or LAVIN_DEBUG=1 shows the traceback instead. Anything else is a bug and shows its traceback.
+    loaders report as FileNotFoundError or ValueError; an OSError such as a full or read-only disk; Ctrl-C or SIGTERM)
+    prints one line, with what to do next when the failure added a note (train.py's resume command), and exits
+    non-zero (128 + the signal's number for a signal: 130 for Ctrl-C). Under torchrun every rank meets the same error,
+    so rank 0 alone prints it and the others exit quietly with the same status (torchrun then adds its own summary);
+    an error of one rank's own (a file it cannot read) names that rank. --debug or LAVIN_DEBUG=1 shows the traceback
+    instead. Anything else is a bug and shows its traceback.
     """
     try:
         main()
     except (UserError, OSError, ValueError, FloatingPointError, KeyboardInterrupt) as e:
         if "--debug" in sys.argv[1:] or os.environ.get("LAVIN_DEBUG") == "1":
             raise
-        what = ("interrupted" if isinstance(e, KeyboardInterrupt) else
+        code = 128 + getattr(e, "signum", signal.SIGINT) if isinstance(e, KeyboardInterrupt) else 1
+        rank = int(os.environ.get("RANK", 0))
+        if rank and isinstance(e, (UserError, KeyboardInterrupt)):
+            sys.exit(code)
+        what = (str(e) or "interrupted" if isinstance(e, KeyboardInterrupt) else
                 f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e))
         line = "; ".join(part.strip() for part in [what, *getattr(e, "__notes__", [])] if part.strip())
         # One line, whatever the message held; tqdm.write moves an open progress bar out of its way.
-        tqdm.write(f"error: {' '.join(line.split())}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+        tqdm.write(f"error: {f'rank {rank}: ' if rank else ''}{' '.join(line.split())}", file=sys.stderr)
+        sys.exit(code)
 
 
 # =====================================================================================================================

@@ -1755,6 +1755,17 @@ def test_data_instruction_dataset(tmp_path, quiz, tok):
     assert tok.decode(b["tokens"]).endswith("Instruction: Which word is a noun? \nResponse:The word apple is a noun.")
     batch = data.collate([a, b])
     assert batch["images"].shape == (1, 3, 32, 32) and batch["has_image"].tolist() == [1, 0]
+    # JSONL, one record per line, told apart from a list by content: the same samples
+    (tmp_path / "mix.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
+    lines = data.InstructionDataset(tmp_path / "mix.jsonl", tok, image_dir=image.parent, image_size=32, n_visual=NV)
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip([a, b], [lines[0], lines[1]])) and len(lines) == 2
+    for text, message in [(json.dumps(recs[1]) + "\n{oops\n", "bad.jsonl line 2: not a JSON record"),
+                          (json.dumps(recs[1]) + "\n[1]\n", "bad.jsonl line 2: a record must be a JSON object"),
+                          ("hello", "bad.jsonl: neither a JSON list of records (starts with [) nor JSONL"),
+                          ('[{"a": 1},\n oops]', "bad.jsonl is not valid JSON (Expecting value: line 2 column 2")]:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.read_records(tmp_path / "bad.jsonl")
 
 
 def test_data_length_grouped_order():
@@ -2158,6 +2169,14 @@ def test_train_resume_is_exact(tiny_setup, tmp_path, extra):
     assert losses(full) == losses(part)  # the resumed run logged the same losses for steps 3..5
 
 
+def test_train_max_steps_ends_early_and_still_evaluates(tiny_setup, tmp_path, capsys):
+    flags = [f for f in tiny_setup["flags"] if f != "--no_eval"]
+    train.main(flags + ["--out_dir", str(tmp_path), "--max_steps", "1", "--eval_split", "val",
+                        "--eval_max_new_tokens", "4"])
+    assert len(losses(tmp_path)) == 1 and "ScienceQA val: 16 problems" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "preds_val.json").read_text())["scores"]["counts"]) == len(evaluate.COLUMNS)
+
+
 def test_train_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
@@ -2524,6 +2543,8 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
     junk.write_bytes(b"PK\x03\x04 half a zip")
     held = tmp_path / "held"
     save_checkpoint(held / "ckpt.pt", {"model": {}, "optimizer": {}, "step": 3, "args": {"epochs": 2}})
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c" "output": "d"}\n')
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     bad_json = tmp_path / "bad_json"
@@ -2563,6 +2584,10 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
         train_("--dtype", "bf16") + ("--dtype bf16: for GPUs",) if not torch.cuda.is_available() else None,
         train_("--lora_targets", "q,zz", "--method", "lora") + ("zz",),
         train_("--prompt_format", "QQQ-A") + ("--prompt_format QQQ-A: must be INPUT-OUTPUT",),
+        train_("--method", "full", "--quant", "nf4") + ("--method full trains the base weights, which a 4-bit base",),
+        ("train.py", [*out, "--eval_split", "nosuch"], "--eval_split nosuch: not a split of the quick start's quiz "
+                                                       "(has: train, val, test)"),  # before the quiz is generated
+        train_("--instruction_json", str(jsonl)) + (f"{jsonl} line 2: not a JSON record",),
         train_("--llama_dir", "/no/such/dir") + ("--llama_dir /no/such/dir: no such folder",),
         train_("--clip_path", "/no/such.pt") + ("--clip_path /no/such.pt: no such file",),
         train_("--data_dir", str(bad_json)) + (f"{bad_json}/pid_splits.json is not valid JSON",),
@@ -2619,9 +2644,32 @@ def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch):
 def wait_for(predicate, proc, timeout=240):
     t0 = time.time()
     while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, "timed out"
+        assert proc.poll() is None, finish(proc)
+        assert time.time() - t0 < timeout, "timed out: " + str(finish(proc, kill=True))
         time.sleep(0.05)
+
+
+def start(argv, cwd=ROOT, nproc=None):
+    """train.py (under torchrun with nproc) as a child that takes signals: SIGINT and SIGTERM at their defaults, as
+    a shell gives them, even where pytest itself runs with SIGINT ignored (a child inherits an ignored signal)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    reset = lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]  # noqa: E731
+    return subprocess.Popen([sys.executable, *launcher, str(ROOT / "train.py"), *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=reset)
+
+
+def finish(proc, timeout=120, kill=False):
+    """(stdout, stderr) of a child that is ending; one that does not end in time is killed, and the test fails
+    with what it printed."""
+    if kill:
+        proc.kill()
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} did not end in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
 
 
 def logged(out_dir):
@@ -2629,41 +2677,79 @@ def logged(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def test_robust_kill_resume_lock(tiny_setup, tmp_path):
     """A run killed with SIGKILL resumes with its own --save_every and out_dir (from another folder, flags not
-    repeated); stopping that with Ctrl-C (SIGINT) prints one line with the resume command; neither loses more than
-    one save interval. While a run writes its out_dir, a second is refused with the first's pid; the lock a killed
-    run leaves is taken over, and one that ends cleans up its lock and temporary files."""
+    repeated), losing at most one save interval; stopping that with Ctrl-C (SIGINT) finishes the step, saves it and
+    prints one line with the resume command. While a run writes its out_dir, a second is refused with the first's
+    pid; the lock a killed run leaves is taken over, and one that ends cleans up its lock and temporary files."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    popen = lambda argv: subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=elsewhere, env=env,  # noqa: E731
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = popen(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"])
+    first = start(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"], elsewhere)
     wait_for(lambda: len(logged(out)) >= 5, first)
     with pytest.raises(train.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
         train.main(["--resume", str(out / "ckpt.pt"), "--max_steps", "100"])
-    first.kill()
-    first.wait()
+    finish(first, kill=True)
     last, saved = logged(out)[-1]["step"], load_checkpoint(out / "ckpt.pt")["step"]
     assert 0 <= last - saved <= 2, (last, saved)
 
-    second = popen(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)])
+    second = start(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)], elsewhere)
     wait_for(lambda: len(logged(out)) >= last + 8, second)  # the old steps, the marker, and a few new ones
     second.send_signal(signal.SIGINT)
-    stdout, stderr = second.communicate()
+    stdout, stderr = finish(second)
     assert f"taking over the lock of pid {first.pid}" in stdout
     assert second.returncode == 130 and "Traceback" not in stderr, stderr
-    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
-        f"error: interrupted; continue with: python train.py --resume {out}/ckpt.pt"]
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no lock, no temporary file
     log = logged(out)
+    ck = load_checkpoint(out / "ckpt.pt")
+    assert error_lines(stderr) == [f"error: stopped by SIGINT after step {ck['step']}, saved; continue with: python "
+                                   f"train.py --resume {out}/ckpt.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no lock, no temporary file
     marker = [r for r in log if "resumed_from" in r]
     assert marker == [{"resumed_from": str(out / "ckpt.pt"), "step": saved}]
-    ck = load_checkpoint(out / "ckpt.pt")
     assert ck["args"]["save_every"] == 2 and ck["args"]["out_dir"] == str(out)  # kept, though not passed again
     assert all(os.path.isabs(ck["args"][k]) for k in ("llama_dir", "clip_path", "tokenizer", "data_dir", "out_dir"))
-    assert 0 <= log[-1]["step"] - ck["step"] <= 2 and ck["step"] > saved
+    assert log[-1]["step"] == ck["step"] > saved  # nothing lost: the step the signal came in was saved
+
+
+def test_robust_sigterm_saves_the_step_and_resumes_exactly(tiny_setup, tmp_path):
+    """SIGTERM (a scheduler's preemption) mid-epoch with --save_every 0: the step finishes and is saved, one line
+    gives the resume command, the exit status is 143; the resumed run then logs the uninterrupted run's losses."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = tiny_setup["flags"] + ["--save_every", "0", "--epochs", "1"]
+    proc = start(flags + ["--out_dir", str(part)])
+    wait_for(lambda: len(logged(part)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc)
+    step = load_checkpoint(part / "ckpt.pt")["step"]
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert error_lines(stderr) == [f"error: stopped by SIGTERM after step {step}, saved; continue with: python "
+                                   f"train.py --resume {part}/ckpt.pt"]
+    assert 3 <= step == logged(part)[-1]["step"] < 12  # mid-epoch: 12 steps per epoch
+    train.main(["--resume", str(part / "ckpt.pt")])
+    train.main(flags + ["--out_dir", str(full)])
+    assert losses(part) == losses(full) and len(losses(full)) == 12  # bit for bit
+
+
+def test_robust_torchrun_stops_every_rank_together_and_reports_once(tiny_setup, tmp_path):
+    """Under torchrun, SIGTERM to rank 0 alone (its pid is in the lock) stops both ranks after the same step, with
+    one checkpoint of that step and one error line for the job; a second launch into that out_dir is refused with
+    one line too, though both ranks meet the error."""
+    out = tmp_path / "out"
+    proc = start(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "0", "--epochs", "1"], nproc=2)
+    wait_for(lambda: len(logged(out)) >= 2, proc)
+    os.kill(int((out / "lock").read_text()), signal.SIGTERM)
+    _, stderr = finish(proc)
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    assert proc.returncode != 0 and step == logged(out)[-1]["step"] < 12, stderr
+    assert error_lines(stderr) == [f"error: stopped by SIGTERM after step {step}, saved; continue with: torchrun "
+                                   f"<the same launcher flags> train.py --resume {out}/ckpt.pt"], stderr
+    again = start(tiny_setup["flags"] + ["--out_dir", str(out)], nproc=2)
+    _, stderr = finish(again)
+    assert again.returncode != 0 and len(error_lines(stderr)) == 1, stderr
+    assert f"--out_dir {out}: already holds a checkpoint" in error_lines(stderr)[0]
 
 
 def test_robust_full_disk_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 import data
 import quiz
-from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
+from adapters import FULL_NF4_ERROR, METHODS, AdapterArgs, load_trainable, trainable_state_dict
 from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
                       setup_distributed, teardown_distributed)
 from model import IGNORE, LaVIN, count_params, load_checkpoint, load_lavin, save_checkpoint, warmup_cosine
@@ -68,7 +69,8 @@ def make_parser():
     g = p.add_argument_group("data (every training image is decoded once before training starts; an unreadable one "
                              "is left out, and the count is printed then and at the end)")
     g.add_argument("--data_dir", help="ScienceQA root: problems.json, pid_splits.json, images/ (default: the quiz)")
-    g.add_argument("--instruction_json", help="LLaVA-Instruct / Alpaca JSON for the chatbot setting instead of ScienceQA")
+    g.add_argument("--instruction_json", help="LLaVA-Instruct / Alpaca records for the chatbot setting instead of "
+                   "ScienceQA: a JSON list, or JSONL (one record per line)")
     g.add_argument("--image_dir", help="image folder for --instruction_json (e.g. COCO train2014)")
     g.add_argument("--prompt_format", default="QCM-ALE", help="ScienceQA prompt format (the scripts' QCM-ALE)")
     g.add_argument("--norm", default="imagenet", choices=["imagenet", "clip"],
@@ -105,7 +107,8 @@ def make_parser():
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--loss_norm", default="global", choices=["global", "official"],
                    help="global: mean over the labelled tokens of the whole step on all ranks; official: per micro-batch")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (tests, smoke runs)")
+    g.add_argument("--max_steps", type=int, default=None, help="end training early, after this many optimizer steps "
+                   "(smoke runs; the lr schedule stays that of --epochs); the final evaluation still runs unless --no_eval")
     g = p.add_argument_group("system")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="compute dtype: bf16 autocast on GPU (default), fp32 on CPU; fp16 uses a loss scaler")
@@ -206,6 +209,11 @@ def check_args(args, world: int):
             if getattr(args, flag) is None:
                 raise UserError(f"--{flag}: required when training on real data (or give no data flags at all for "
                                 f"the quick start)")
+    if args.method == "full" and args.quant:
+        raise UserError(FULL_NF4_ERROR)
+    if args.quick and not args.no_eval and args.eval_split not in quiz.SPLITS:  # before the quiz exists
+        raise UserError(f"--eval_split {args.eval_split}: not a split of the quick start's quiz (has: "
+                        f"{', '.join(quiz.SPLITS)})")
     if not args.instruction_json and not args.quick and not args.no_eval:
         check_split("eval_split", args.eval_split, args.data_dir)
     ckpt = Path(args.out_dir) / "ckpt.pt"
@@ -243,8 +251,6 @@ def base_paths(args, master: bool):
         # On every rank: the files exist now, so this only returns their paths.
         paths = quiz.quick_start("quiz", args.prompt_format, args.seed)
         args.data_dir, args.tokenizer, args.llama_dir, args.clip_path = map(os.path.abspath, paths)
-        if not args.no_eval:
-            check_split("eval_split", args.eval_split, args.data_dir)
         return
     args.tokenizer = args.tokenizer or str(data.tokenizer_path(args.llama_dir))
 
@@ -475,6 +481,64 @@ def show_routing(model: LaVIN) -> str:
 
 
 # =====================================================================================================================
+# Stopping on a signal: Ctrl-C (SIGINT) and a scheduler's SIGTERM (SLURM preemption, `timeout`, a container stop)
+
+class Stopped(KeyboardInterrupt):
+    """A stop asked for by a signal: cli reports it in one line and exits with 128 + the signal's number, as the
+    signal itself would have (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """
+    SIGINT and SIGTERM, handled alike (`command` installs them; a signal ignored when the process started, as for a
+    background job, stays ignored). Outside `deferred` the first one stops at once (Stopped). Inside, in the training
+    loop, it is only recorded in `got`: the loop finishes the optimizer step, agrees with every rank to stop
+    (stop_signal), saves and stops. Later signals are ignored: the stop is under way (torchrun forwards a Ctrl-C to
+    its workers once more, and sends SIGTERM to the ranks still running once one has exited).
+    """
+
+    def __init__(self):
+        self.got, self.defer = 0, False
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.got:
+            return
+        self.got = signum
+        if not self.defer:
+            raise Stopped(signum)
+
+    @contextmanager
+    def deferred(self):
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
+
+
+STOPS = StopSignals()  # one per process: signal handlers are per process
+
+
+def stop_signal(got: int, device) -> int:
+    """The signal any rank has received (0: none), agreed by every rank after every step (a max over ranks), so that
+    all of them stop after the same step and save one consistent checkpoint."""
+    if not dist.is_initialized():
+        return got
+    t = torch.tensor([got], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+# =====================================================================================================================
 
 @contextmanager
 def out_dir_lock(out_dir, master: bool):
@@ -569,41 +633,47 @@ def train(args):
         log.write(json.dumps({"resumed_from": args.resume, "step": step}) + "\n")
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"train {args.method}", dynamic_ncols=True)
     model.train()
-    while step < stop:
-        epoch = step // steps_per_epoch
-        batches = epoch_batches(train_set.lengths, epoch, args, rank, world)
-        # Its own generator, so that creating the loader (which draws worker seeds) leaves the global RNG, and hence
-        # the dropout masks, exactly where an uninterrupted run has them: resuming is then bit-exact.
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[(step % steps_per_epoch) * accum:],
-                                             collate_fn=data.collate, num_workers=args.workers,
-                                             generator=torch.Generator().manual_seed(args.seed + epoch))
-        it = iter(loader)
-        epoch_end = min(stop, (epoch + 1) * steps_per_epoch)
-        while step < epoch_end:
-            t0 = time.time()
-            micro = [next(it) for _ in range(accum)]  # the whole step's micro-batches: their labels set the normaliser
-            lr = lr_at(step, steps_per_epoch, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = train_step(model, micro, opt, scaler, autocast, args, step, world, device, last_good)
-            step += 1
-            train_loss = all_sum(float(loss), device)  # the step's one host sync for logging, after the update
-            tok_s = all_sum(sum(b["tokens"].numel() for b in micro), device) / (time.time() - t0)
-            if master:
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": train_loss, "lr": lr,
-                                      "tok_per_s": tok_s, "time": time.time()}) + "\n")
-                log.flush()
-            if (args.save_every and step % args.save_every == 0) or step == epoch_end:
-                last_good = save(raw, opt, step, args, world, master)  # every save_every steps, every epoch's end
-        if step % steps_per_epoch == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0 and not args.no_eval:
-            evaluate_split(raw, tok, args, rank, world)
-            model.train()
+    with STOPS.deferred():  # a signal from here on ends the step it arrives in; then a save, and the stop
+        while step < stop:
+            epoch = step // steps_per_epoch
+            batches = epoch_batches(train_set.lengths, epoch, args, rank, world)
+            # Its own generator, so that creating the loader (which draws worker seeds) leaves the global RNG, and
+            # hence the dropout masks, exactly where an uninterrupted run has them: resuming is then bit-exact.
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[(step % steps_per_epoch) * accum:],
+                                                 collate_fn=data.collate, num_workers=args.workers,
+                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
+            it = iter(loader)
+            epoch_end = min(stop, (epoch + 1) * steps_per_epoch)
+            while step < epoch_end:
+                t0 = time.time()
+                micro = [next(it) for _ in range(accum)]  # the whole step's micro-batches: their labels, the normaliser
+                lr = lr_at(step, steps_per_epoch, args)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = train_step(model, micro, opt, scaler, autocast, args, step, world, device, last_good)
+                step += 1
+                train_loss = all_sum(float(loss), device)  # the step's one host sync for logging, after the update
+                tok_s = all_sum(sum(b["tokens"].numel() for b in micro), device) / (time.time() - t0)
+                if master:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": train_loss,
+                                          "lr": lr, "tok_per_s": tok_s, "time": time.time()}) + "\n")
+                    log.flush()
+                signum = stop_signal(STOPS.got, device)
+                if (args.save_every and step % args.save_every == 0) or step == epoch_end or signum:
+                    last_good = save(raw, opt, step, args, world, master)  # every save_every steps, epoch end, stop
+                if signum:
+                    bar.close()
+                    raise Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step}, saved")
+            if step % steps_per_epoch == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0 \
+                    and not args.no_eval:
+                evaluate_split(raw, tok, args, rank, world)
+                model.train()
     bar.close()
     if master and not args.fsdp:  # under FSDP2 the layers are shards that only a forward on every rank can gather
         print(show_routing(raw))
-    if not args.no_eval and step >= total_steps and not args.instruction_json:
+    if not args.no_eval and not args.instruction_json:  # after the last epoch, or after --max_steps
         evaluate_split(raw, tok, args, rank, world)
     if log:
         log.close()
@@ -614,6 +684,7 @@ def train(args):
 
 
 def command():
+    STOPS.install()
     try:
         main()
     except torch.cuda.OutOfMemoryError as e:
