@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import data
-from evaluate import (UserError, add_eval_flags, add_model_flags, cli, for_modality, generate, inference_context,
-                      inference_setup, prompt_budget, run, teardown_distributed)
+from cli import UserError, add_model_flags, cli, teardown_distributed
+from evaluate import add_eval_flags, for_modality, generate, inference_context, inference_setup, prompt_budget, run
 from model import LaVIN
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bench
+import cli
 import data
 import evaluate
 import quiz as quizgen
@@ -2108,17 +2109,17 @@ def test_train_every_adapter_setting_is_a_train_flag():
     args = train.get_args(["--data_dir", "x", "--method", "mixlora", "--mix_pool", "6", "--mix_rank", "2",
                            "--mix_alpha", "7", "--mix_cfs", "separable", "--mix_mode", "hard", "--mix_lambda", "0.5",
                            "--lora_targets", "q,v", "--dropout", "0.2"])
-    a = train.adapter_args_from(args)
+    a = cli.adapter_args_from(args)
     assert {f.name for f in dataclasses.fields(AdapterArgs)} <= set(vars(args)) | {"adapter_dropout", "lora_dropout"}
     m = build_lavin("tiny", "tiny", a, device="meta")
     mix = m.llama.layers[0].attention.wq
     assert mix.scaling == 7 / 2 and mix.router.cfs == "separable" and mix.router.mode == "hard"
     assert mix.router.lam == 0.5 and mix.dropout.p == 0.2 and mix.lora_A.shape[0] == 6
     assert type(m.llama.layers[0].attention.wk) is nn.Linear  # not a target
-    a = train.adapter_args_from(train.get_args(["--data_dir", "x", "--method", "lora", "--lora_rank", "4",
+    a = cli.adapter_args_from(train.get_args(["--data_dir", "x", "--method", "lora", "--lora_rank", "4",
                                                 "--lora_alpha", "2"]))
     assert build_lavin("tiny", "tiny", a, device="meta").llama.layers[0].feed_forward.w2.scaling == 0.5
-    a = train.adapter_args_from(train.get_args(["--data_dir", "x", "--adapter_scale", "2", "--adapter_dim", "4"]))
+    a = cli.adapter_args_from(train.get_args(["--data_dir", "x", "--adapter_scale", "2", "--adapter_dim", "4"]))
     adapter = build_lavin("tiny", "tiny", a, device="meta").llama.layers[0].adapter_attn
     assert adapter.scale == 2.0 and adapter.down.out_features == 4 and adapter.dropout.p == 0.1
 
@@ -2319,7 +2320,7 @@ def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_pat
     flags[flags.index("--llama_dir") + 1] = str(bad)
     out = tmp_path / "out"
     save_checkpoint(out / "ckpt.pt", {"model": {}, "step": 7})  # an earlier, unrelated run's checkpoint
-    with pytest.raises(train.UserError, match=r"--out_dir .*already holds a checkpoint.*--overwrite"):
+    with pytest.raises(cli.UserError, match=r"--out_dir .*already holds a checkpoint.*--overwrite"):
         train.main(flags + ["--out_dir", str(out)])  # a fresh run does not write over it
     assert load_checkpoint(out / "ckpt.pt")["step"] == 7  # left alone
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
@@ -2457,7 +2458,7 @@ def test_bench_length_distribution():
 def test_bench_unknown_flag_is_an_error():
     with pytest.raises(SystemExit):
         bench.get_args(["--no_such_flag"])
-    with pytest.raises(evaluate.UserError, match="--methods mma,adapterx: unknown"):
+    with pytest.raises(cli.UserError, match="--methods mma,adapterx: unknown"):
         bench.get_args(["--methods", "mma,adapterx"])
 
 
@@ -2526,7 +2527,7 @@ def test_bench_reference_matches_ours():
 # =====================================================================================================================
 
 def run_script(script, argv, monkeypatch, capsys):
-    """A script as its command runs it (its `if __name__ == "__main__"` block, through evaluate.cli), in this
+    """A script as its command runs it (its `if __name__ == "__main__"` block, through cli.cli), in this
     process: -> (exit code, stderr). In-process because every new Python pays seconds to import torch here."""
     monkeypatch.setattr(sys, "argv", [script, *argv])
     capsys.readouterr()
@@ -2588,6 +2589,8 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
         ("train.py", [*out, "--eval_split", "nosuch"], "--eval_split nosuch: not a split of the quick start's quiz "
                                                        "(has: train, val, test)"),  # before the quiz is generated
         train_("--instruction_json", str(jsonl)) + (f"{jsonl} line 2: not a JSON record",),
+        train_("--tokenizer", str(LLAMA_TOK)) + (f"--tokenizer {LLAMA_TOK} has 32000 pieces but the LLaMA at",)
+        if LLAMA_TOK.is_file() else None,
         train_("--llama_dir", "/no/such/dir") + ("--llama_dir /no/such/dir: no such folder",),
         train_("--clip_path", "/no/such.pt") + ("--clip_path /no/such.pt: no such file",),
         train_("--data_dir", str(bad_json)) + (f"{bad_json}/pid_splits.json is not valid JSON",),
@@ -2629,8 +2632,42 @@ def test_robust_bad_inputs_are_one_line_errors(tiny_setup, ckpt, tmp_path, monke
         assert "Traceback" not in err and "weights_only=False" not in err, err
         assert not (tmp_path / "out" / "ckpt.pt").exists() and not (tmp_path / "out" / "log.jsonl").exists()
     # --debug shows the traceback instead
-    with pytest.raises(train.UserError, match="--epochs 0"):
+    with pytest.raises(cli.UserError, match="--epochs 0"):
         run_script("train.py", [*tiny_setup["flags"], "--epochs", "0", "--debug"], monkeypatch, capsys)
+
+
+def test_cli_only_rank_0_reports_an_error_every_rank_meets(tiny_setup, tmp_path, monkeypatch, capsys):
+    """Under torchrun (RANK set) a user error or a stop is printed by rank 0 alone; the other ranks exit with the same
+    status, silently. An error of a rank's own names the rank."""
+    argv = [*tiny_setup["flags"], "--out_dir", str(tmp_path), "--epochs", "0"]
+    for rank, expected in (("0", ["error: --epochs 0: must be >= 1"]), ("1", [])):
+        monkeypatch.setenv("RANK", rank)
+        code, err = run_script("train.py", argv, monkeypatch, capsys)
+        assert code == 1 and error_lines(err) == expected and (rank == "0" or err == ""), err
+
+    def stopped():
+        raise cli.Stopped(signal.SIGTERM, "stopped by SIGTERM after step 3, saved")
+
+    def unreadable():
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), "/data/img.png")
+
+    for rank, main, code, expected in (("1", stopped, 143, []), ("0", stopped, 143, ["error: stopped by SIGTERM "
+                                       "after step 3, saved"]), ("1", unreadable, 1, ["error: rank 1: Permission denied: "
+                                                                                      "/data/img.png"])):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.cli(main)
+        assert exit_info.value.code == code and error_lines(capsys.readouterr().err) == expected
+
+
+def test_cli_adapter_flags_carry_adapter_args_defaults():
+    """train.py's adapter flags are AdapterArgs' fields, with its defaults: nothing given, AdapterArgs() itself."""
+    args = train.get_args(["--data_dir", "x"])
+    assert cli.adapter_args_from(args) == AdapterArgs()
+    assert {f.name for f in dataclasses.fields(AdapterArgs)} - set(cli.DROPOUTS) <= set(vars(args))
+    assert cli.adapter_args_from(train.get_args(["--data_dir", "x", "--dropout", "0.3"])) == AdapterArgs(
+        adapter_dropout=0.3, lora_dropout=0.3)
 
 
 def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch):
@@ -2690,7 +2727,7 @@ def test_robust_kill_resume_lock(tiny_setup, tmp_path):
     elsewhere.mkdir()
     first = start(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"], elsewhere)
     wait_for(lambda: len(logged(out)) >= 5, first)
-    with pytest.raises(train.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
+    with pytest.raises(cli.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
         train.main(["--resume", str(out / "ckpt.pt"), "--max_steps", "100"])
     finish(first, kill=True)
     last, saved = logged(out)[-1]["step"], load_checkpoint(out / "ckpt.pt")["step"]

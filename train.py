@@ -46,9 +46,11 @@ from tqdm import tqdm
 
 import data
 import quiz
-from adapters import FULL_NF4_ERROR, METHODS, AdapterArgs, load_trainable, trainable_state_dict
-from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
-                      setup_distributed, teardown_distributed)
+from adapters import FULL_NF4_ERROR, load_trainable, trainable_state_dict
+from cli import (STOPS, Stopped, UserError, adapter_args_from, add_adapter_flags, check_device, check_flags,
+                 check_paths, check_split, check_vocab, check_writable, cli, default_dtype, setup_distributed,
+                 stop_signal, teardown_distributed)
+from evaluate import evaluate
 from model import IGNORE, LaVIN, count_params, load_checkpoint, load_lavin, save_checkpoint, warmup_cosine
 from router import default_tau
 
@@ -77,26 +79,7 @@ def make_parser():
                    help="image normalisation: ImageNet's statistics as the official code, or CLIP's own")
     g.add_argument("--max_seq_len", type=int, default=512)
     g.add_argument("--group_by_length", action="store_true", help="batch similar lengths together (fewer pads)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="mma", choices=METHODS)
-    g.add_argument("--tau", type=float, default=None, help="router temperature (default: 10 for 7B, 5 for 13B, as the "
-                   "official scripts; router.default_tau)")
-    g.add_argument("--adapter_dim", type=int, default=8)
-    g.add_argument("--adapter_scale", type=float, default=1.0, help="s of the MM-Adapter (official: 1)")
-    g.add_argument("--dropout", type=float, default=None,
-                   help="adapter dropout (default: 0.1 in MM-Adapters as official, 0.05 in LoRA/MixLoRA as LLaVA)")
-    g.add_argument("--lora_rank", type=int, default=64)
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, as LLaVA)")
-    g.add_argument("--lora_targets", default="q,k,v,o,gate,up,down", help="which LLaMA linears get LoRA")
-    g.add_argument("--mix_pool", type=int, default=16)
-    g.add_argument("--mix_rank", type=int, default=4)
-    g.add_argument("--mix_alpha", type=float, default=None, help="MixLoRA alpha (default: 2 x pool, the released script)")
-    g.add_argument("--mix_cfs", default="dot", choices=["dot", "separable", "none"],
-                   help="MixLoRA's conditional factor selection: the paper's dot product, the released code's "
-                        "separable form, or none (README, difference 21)")
-    g.add_argument("--mix_mode", default="weighted", choices=["weighted", "hard"],
-                   help="weighted: factors scaled by their scores, so the routers learn; hard: the released code")
-    g.add_argument("--mix_lambda", type=float, default=1.0, help="weight of the CFS score (the released ifs_weight)")
+    add_adapter_flags(p)  # --method, --tau, --adapter_dim ... --mix_lambda: adapters.AdapterArgs, its defaults
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch_size", type=int, default=32, help="global batch: micro_batch x accumulation x ranks")
@@ -255,14 +238,6 @@ def base_paths(args, master: bool):
     args.tokenizer = args.tokenizer or str(data.tokenizer_path(args.llama_dir))
 
 
-def adapter_args_from(args) -> AdapterArgs:
-    dropout = {} if args.dropout is None else {"adapter_dropout": args.dropout, "lora_dropout": args.dropout}
-    return AdapterArgs(method=args.method, tau=args.tau, adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale,
-                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                       mix_pool=args.mix_pool, mix_rank=args.mix_rank, mix_alpha=args.mix_alpha, mix_cfs=args.mix_cfs,
-                       mix_mode=args.mix_mode, mix_lambda=args.mix_lambda, **dropout)
-
-
 def build(args, device, master: bool):
     """-> (model, tokenizer, training set). Frozen weights: bf16 on GPU (fp32 under FSDP2, which casts per unit; see
     wrap_model), fp32 on CPU; the adapters are fp32 masters."""
@@ -270,9 +245,7 @@ def build(args, device, master: bool):
     frozen_dtype = torch.bfloat16 if (device.type == "cuda" and not args.fsdp and args.method != "full") else None
     model = load_lavin(args.llama_dir, args.clip_path, adapter_args_from(args), device, frozen_dtype, args.max_seq_len,
                        args.clip_every, args.quant)
-    if model.llama.args.vocab_size != tok.n_words:
-        raise UserError(f"tokenizer {args.tokenizer} has {tok.n_words} pieces but the LLaMA at {args.llama_dir} "
-                        f"has a {model.llama.args.vocab_size}-row embedding: they do not belong together")
+    check_vocab(tok, model.llama.args.vocab_size, args.tokenizer, args.llama_dir)
     vis = dict(image_size=model.visual.args.image_size, norm=args.norm, n_visual=model.visual.args.n_tokens)
     if args.instruction_json:
         train_set = data.InstructionDataset(args.instruction_json, tok, args.image_dir, args.max_seq_len, **vis,
@@ -481,64 +454,6 @@ def show_routing(model: LaVIN) -> str:
 
 
 # =====================================================================================================================
-# Stopping on a signal: Ctrl-C (SIGINT) and a scheduler's SIGTERM (SLURM preemption, `timeout`, a container stop)
-
-class Stopped(KeyboardInterrupt):
-    """A stop asked for by a signal: cli reports it in one line and exits with 128 + the signal's number, as the
-    signal itself would have (130 for SIGINT, 143 for SIGTERM)."""
-
-    def __init__(self, signum: int, message: str = ""):
-        super().__init__(message)
-        self.signum = signum
-
-
-class StopSignals:
-    """
-    SIGINT and SIGTERM, handled alike (`command` installs them; a signal ignored when the process started, as for a
-    background job, stays ignored). Outside `deferred` the first one stops at once (Stopped). Inside, in the training
-    loop, it is only recorded in `got`: the loop finishes the optimizer step, agrees with every rank to stop
-    (stop_signal), saves and stops. Later signals are ignored: the stop is under way (torchrun forwards a Ctrl-C to
-    its workers once more, and sends SIGTERM to the ranks still running once one has exited).
-    """
-
-    def __init__(self):
-        self.got, self.defer = 0, False
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.got:
-            return
-        self.got = signum
-        if not self.defer:
-            raise Stopped(signum)
-
-    @contextmanager
-    def deferred(self):
-        self.defer = True
-        try:
-            yield
-        finally:
-            self.defer = False
-
-
-STOPS = StopSignals()  # one per process: signal handlers are per process
-
-
-def stop_signal(got: int, device) -> int:
-    """The signal any rank has received (0: none), agreed by every rank after every step (a max over ranks), so that
-    all of them stop after the same step and save one consistent checkpoint."""
-    if not dist.is_initialized():
-        return got
-    t = torch.tensor([got], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-# =====================================================================================================================
 
 @contextmanager
 def out_dir_lock(out_dir, master: bool):
@@ -602,7 +517,7 @@ def main(argv=None):
 def train(args):
     rank, _, world, device = setup_distributed()
     master = rank == 0
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = args.dtype or default_dtype(device)
     torch.manual_seed(args.seed)  # identical model init on every rank (DDP also broadcasts rank 0's parameters)
     random.seed(args.seed + rank)
     base_paths(args, master)
