@@ -184,10 +184,20 @@ class StopSignals:
     def __init__(self):
         self.got, self.defer = 0, False
 
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
+    @contextmanager
+    def installed(self):
+        """The handlers while the command runs, and afterwards the previous ones; but after a stop they stay, so that
+        further signals (torchrun's to the ranks still running) are ignored while the process reports and exits."""
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig, handler in before.items():
+            if handler is not signal.SIG_IGN:
                 signal.signal(sig, self.handle)
+        try:
+            yield
+        finally:
+            if not self.got:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.got:

@@ -599,9 +599,9 @@ def train(args):
 
 
 def command():
-    STOPS.install()
     try:
-        main()
+        with STOPS.installed():
+            main()
     except torch.cuda.OutOfMemoryError as e:
         err = UserError(f"out of GPU memory: {str(e).splitlines()[0]}; flags that help, most effective first: "
                         f"--micro_batch 1 or 2 (accumulation keeps the global batch), --grad_ckpt (recompute "
