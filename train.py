@@ -91,7 +91,8 @@ def make_parser():
     g.add_argument("--loss_norm", default="global", choices=["global", "official"],
                    help="global: mean over the labelled tokens of the whole step on all ranks; official: per micro-batch")
     g.add_argument("--max_steps", type=int, default=None, help="end training early, after this many optimizer "
-                   "steps (smoke runs; the lr schedule stays --epochs'); the final evaluation still runs unless --no_eval")
+                   "steps (smoke runs; the lr schedule stays --epochs'); the final evaluation still runs "
+                   "unless --no_eval")
     g = p.add_argument_group("system")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="compute dtype: bf16 autocast on GPU (default), fp32 on CPU; fp16 uses a loss scaler")
@@ -294,8 +295,9 @@ def wrap_model(model: LaVIN, args, device, world: int):
     # Frozen parameters get no gradient buckets, so DDP communicates the adapters only. Every trainable parameter gets
     # a gradient every step (LaVIN.embed runs the vision tower on image-free micro-batches too), so no
     # find_unused_parameters. No buffer changes and every rank loads the same weights, so none is broadcast, neither
-    # at wrapping nor every forward (for a 4-bit base: the whole base). Its successor forward_sync_buffers=False would still broadcast at wrapping,
-    # so torch (2.13) itself advises broadcast_buffers=False for this case, and its deprecation warning is noise here.
+    # at wrapping nor every forward (for a 4-bit base: the whole base). Its successor forward_sync_buffers=False would
+    # still broadcast at wrapping, so torch (2.13) itself advises broadcast_buffers=False for this case, and its
+    # deprecation warning is noise here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
