@@ -13,7 +13,7 @@ from the official code": ignore index -100 (8), visual placeholders inside `toke
 longest row (10), truncation that keeps the answer's start (11), whole multi-turn conversations (12), QCM-ALE by
 default (17). Text-only items carry image=None rather than a zero image (2).
 
-Used by train.py, sample.py, evaluate.py, quiz.py; tests: `python -m pytest -q test_all.py -k test_data_`.
+Used by train.py, sample.py, evaluate.py, cli.py, quiz.py; tests: `python -m pytest -q test_all.py -k test_data_`.
 """
 
 import json
