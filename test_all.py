@@ -2670,9 +2670,9 @@ def test_cli_adapter_flags_carry_adapter_args_defaults():
         adapter_dropout=0.3, lora_dropout=0.3)
 
 
-def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch):
+def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = train.get_args([])
+    args = train.get_args(["--out_dir", str(tmp_path)])  # check_args writes there, not in the checkout's out/
     assert (args.batch_size, args.micro_batch) == (32, 16)  # 16 per rank x 2 ranks = the quick start's 32
     train.check_args(args, 2)  # the geometry divides
     assert train.get_args(["--micro_batch", "8"]).micro_batch == 8  # a value the user gave stays
