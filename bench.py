@@ -59,7 +59,7 @@ from adapters import (LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALin
                       quantize_llama_)
 from clip_vit import VISION_PRESETS, VisionTransformer
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
-from evaluate import UserError, check_flags, cli
+from cli import UserError, check_flags, cli, default_device, default_dtype
 from generate import generate
 from model import IGNORE, LLAMA_PRESETS, LaVIN, build_lavin, count_params, load_llama
 from weights import hf_to_meta_name, save_safetensors, unpermute
@@ -114,7 +114,7 @@ def get_args(argv=None):
     if args.json and not Path(args.json).parent.is_dir():
         raise UserError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
     # The current device: one GPU if there is one (bench measures one device; part 3 scales to --gpus of them).
-    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = default_device()
     if args.model != "tiny" and args.device.type != "cuda":
         raise UserError(f"--model {args.model} needs a GPU: its frozen weights alone are "
                         f"{'13' if args.model == '7B' else '26'} GB in bf16 (on CPU use --model tiny)")
@@ -124,7 +124,7 @@ def get_args(argv=None):
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         raise UserError(f"--methods {methods}: unknown {bad}; choose from {','.join(METHODS)}")
-    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
+    args.dtype = args.dtype or default_dtype(args.device)
     args.threads = args.threads or (None if args.device.type == "cuda" else 1)  # see --help
     return args
 

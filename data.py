@@ -13,7 +13,7 @@ from the official code": ignore index -100 (8), visual placeholders inside `toke
 longest row (10), truncation that keeps the answer's start (11), whole multi-turn conversations (12), QCM-ALE by
 default (17). Text-only items carry image=None rather than a zero image (2).
 
-Used by train.py, sample.py, evaluate.py, quiz.py; tests: `python -m pytest -q test_all.py -k test_data_`.
+Used by train.py, sample.py, evaluate.py, cli.py, quiz.py; tests: `python -m pytest -q test_all.py -k test_data_`.
 """
 
 import json
@@ -135,6 +135,33 @@ def read_json(path):
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def read_records(path) -> list[dict]:
+    """Instruction data: a JSON list of records, or JSONL (one record per line, the layout many instruction sets ship
+    in), told apart by content: a list opens with "[", JSONL with its first record's "{". A line that fails is named."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from e
+    start = text.lstrip()[:1]
+    if start == "[":
+        records = [(f"record {i}", rec) for i, rec in enumerate(read_json(path))]
+    elif start == "{":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [(f"line {n}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not a JSON record ({e.msg}, column {e.colno}); a file that starts "
+                                 f"with {{ is read as JSONL, one record per line") from None
+    else:
+        raise ValueError(f"{path}: neither a JSON list of records (starts with [) nor JSONL (one {{...}} record per "
+                         f"line); it starts with {start or 'nothing'!r}")
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path} {where}: a record must be a JSON object {{...}}, not {type(rec).__name__}")
+    return [rec for _, rec in records]
 
 
 SCIENCEQA_LAYOUT = "expected <data_dir>/problems.json, pid_splits.json and images/<split>/<pid>/image.png"
@@ -502,7 +529,8 @@ class ScienceQADataset(_EncodedDataset):
 
 
 class InstructionDataset(_EncodedDataset):
-    """Chatbot data (the official chatbot setting, tools/data_processing.py): a JSON list mixing two record kinds, detected per record.
+    """Chatbot data (the official chatbot setting, tools/data_processing.py): a JSON list or JSONL (read_records)
+    mixing two record kinds, detected per record.
 
     - LLaVA-Instruct-150K: {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}. The whole
       conversation becomes one sample (encode_dialogue). The image file is image_dir / record["image"], the name
@@ -517,7 +545,7 @@ class InstructionDataset(_EncodedDataset):
         json_path = Path(json_path)
         if not json_path.is_file():
             raise FileNotFoundError(f"instruction data not found: {json_path}")
-        for i, rec in enumerate(read_json(json_path)):
+        for i, rec in enumerate(read_records(json_path)):
             pid = str(rec.get("id", i))
             if "conversations" in rec:
                 turns = _llava_turns(rec["conversations"], pid)

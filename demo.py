@@ -48,7 +48,8 @@ from PIL import Image
 
 import clip_vit
 import data
-from evaluate import UserError, add_model_flags, check_flags, check_inference_args, cli, inference_setup
+from cli import UserError, add_model_flags, check_flags, cli
+from evaluate import check_inference_args, inference_setup
 from generate import Sampling, answer, chat_prompt, prompt_budget
 from router import routing_table
 

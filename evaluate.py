@@ -13,20 +13,18 @@ LaVIN eval.py, and ScienceQA's tools/evaluate_acc.py for the score table).
 `python sample.py --eval ...` is the same command. Answers are parsed with the official pattern "The answer is X.";
 an unparsable answer falls back to a *seeded* random choice, and the fallbacks are counted (README, difference 16).
 Greedy by default, so results depend on neither seed nor batch; `--temperature 0.1 --top_p 0.75` is what the
-official evaluation samples with. Also home to what every entry point shares: the distributed set-up, the checks of
-flags and the one-line report of user errors (`cli`), and the model set-up of every inference script
-(`inference_setup`; train.py evaluates through `evaluate`). Generation itself is generate.py's.
+official evaluation samples with, and the command line of every inference script (`inference_setup`; train.py
+evaluates through `evaluate`). Generation and loading a model for inference are generate.py's; the flag checks and
+the one-line report of user errors are cli.py's.
 
 Tests: `python -m pytest -q test_all.py -k test_evaluate_`.
 """
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,113 +35,11 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import data
+from cli import (UserError, add_model_flags, check_device, check_flags, check_paths, check_split, check_writable, cli,
+                 default_dtype, setup_distributed, teardown_distributed)
 from generate import for_modality, generate, inference_context, load_for_inference, prompt_budget
 from model import LaVIN
 from weights import load_checkpoint
-
-
-# =====================================================================================================================
-# Distributed set-up: one code path for CPU, one GPU and torchrun (train.py, sample.py and this file)
-
-def setup_distributed():
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them we are a single process. NCCL on GPUs, gloo on CPU.
-    Returns (rank, local_rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, local_rank, world, device
-
-
-def teardown_distributed():
-    """Leave together: a barrier, then destroy the group. A rank that destroys its connections while a peer still
-    works (rank 0 printing, saving) can hang the exit now and then (pytorch/pytorch#75097)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-# =====================================================================================================================
-# User errors: every script checks its flags before any work, and reports a mistake in one line (train.py, sample.py
-# and bench.py use these too)
-
-class UserError(Exception):
-    """A mistake in the flags or in the files they name: `cli` prints its one line, without a traceback."""
-
-
-def check_flags(args, rules):
-    """rules: (flag, allowed(value) -> bool, what is allowed). A flag at None (optional, not given) passes."""
-    for flag, ok, allowed in rules:
-        value = getattr(args, flag)
-        if value is not None and not ok(value):
-            raise UserError(f"--{flag} {value}: must be {allowed}")
-
-
-def check_paths(args, rules):
-    """rules: (flag, "file" or "folder"): a given path must exist and be one."""
-    for flag, kind in rules:
-        value = getattr(args, flag, None)  # sample.py and evaluate.py share the rules, not every flag
-        if value is not None and not (Path(value).is_file() if kind == "file" else Path(value).is_dir()):
-            raise UserError(f"--{flag} {value}: no such {kind}")
-
-
-def check_device(device: str | None, dtype: str | None):
-    """--device must name a device this machine has (None: cuda if there is one), and bf16/fp16 are for GPUs."""
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device name (cpu, cuda, cuda:1 ...)") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s) here; use --device cpu"
-                        + (f" or cuda:0 .. cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else ""))
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
-    if dtype in ("bf16", "fp16") and dev.type == "cpu":
-        raise UserError(f"--dtype {dtype}: for GPUs; on CPU use --dtype fp32 (the default there)")
-
-
-def check_split(flag: str, split: str, data_dir):
-    splits = data.read_splits(data_dir)
-    if split not in splits:
-        raise UserError(f"--{flag} {split}: not a split of {Path(data_dir) / 'pid_splits.json'} (has: "
-                        f"{', '.join(splits)})")
-
-
-def check_writable(flag: str, folder):
-    """Create the folder if needed and write a scratch file there: a read-only disk, or a file in the folder's place,
-    is found now rather than at the first save."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"--{flag} {folder}: cannot write there ({e.strerror or e})") from None
-
-
-def cli(main):
-    """
-    Run a script's main() as a command. A user error (UserError; a missing, unreadable or malformed file, which the
-    loaders report as FileNotFoundError or ValueError; an OSError such as a full or read-only disk; Ctrl-C) prints one
-    line, with what to do next when the failure added a note (train.py's resume command), and exits non-zero (130
-    for Ctrl-C). --debug or LAVIN_DEBUG=1 shows the traceback instead. Anything else is a bug and shows its traceback.
-    """
-    try:
-        main()
-    except (UserError, OSError, ValueError, FloatingPointError, KeyboardInterrupt) as e:
-        if "--debug" in sys.argv[1:] or os.environ.get("LAVIN_DEBUG") == "1":
-            raise
-        what = ("interrupted" if isinstance(e, KeyboardInterrupt) else
-                f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e))
-        line = "; ".join(part.strip() for part in [what, *getattr(e, "__notes__", [])] if part.strip())
-        # One line, whatever the message held; tqdm.write moves an open progress bar out of its way.
-        tqdm.write(f"error: {' '.join(line.split())}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 # =====================================================================================================================
@@ -345,37 +241,7 @@ def evaluate(model: LaVIN, tokenizer, problems: list[dict], data_dir, split, fmt
 
 
 # =====================================================================================================================
-# The command line (sample.py shares the model and generation flags)
-
-def add_model_flags(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--adapter", default="out/ckpt.pt",
-                   help="adapter checkpoint: train.py's ckpt.pt (default: the quick start's) or an official LaVIN .pth")
-    g.add_argument("--llama_dir", help="LLaMA folder, Meta's or Hugging Face's (default: what the checkpoint records)")
-    g.add_argument("--clip_path", help="OpenAI CLIP ViT-L-14.pt, a vision state dict, or a Hugging Face CLIP folder or "
-                                       ".safetensors file (default: the checkpoint's)")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model or a folder holding it (default: the "
-                                       "checkpoint's; for an official adapter file, LLaMA's, in or beside --llama_dir)")
-    g.add_argument("--tau", type=float, help="router temperature of an official adapter file (default: 10 for 7B, 5 "
-                                             "for 13B, as the official scripts; router.default_tau)")
-    g.add_argument("--clip_every", type=int, help="visual tokens of an official adapter file: the class token after "
-                                                  "every Nth CLIP block (default: 4, as the official code)")
-    g.add_argument("--quant", choices=["nf4"], help="run on a 4-bit NF4 base (default: what the checkpoint was "
-                                                    "trained on; README, 'A 4-bit base')")
-    g = p.add_argument_group("generation")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default: deterministic and batch-independent); the official eval uses 0.1")
-    g.add_argument("--top_p", type=float, default=0.75, help="nucleus sampling threshold when temperature > 0")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="64 as the official eval.py")
-    g.add_argument("--seed", type=int, default=1, help="torch.manual_seed(1) as the official eval.py")
-    g.add_argument("--no_merge", action="store_true", help="run the adapters as modules instead of folding them "
-                                                          "(README, difference 6)")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; torchrun picks per rank)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="frozen weights and compute: bf16 on GPU (default), fp32 on CPU (default)")
-    g.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
-
+# The command line (cli.add_model_flags, shared with sample.py, and the evaluation flags, which sample.py --eval takes)
 
 def add_eval_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("evaluation")
@@ -430,7 +296,7 @@ def inference_setup(args, evaluating: bool = True):
     rank, _, world, device = setup_distributed()
     if args.device and world == 1:
         device = torch.device(args.device)  # under torchrun each rank keeps the GPU of its LOCAL_RANK
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = args.dtype or default_dtype(device)
     if rank == 0:
         print(f"loading {args.adapter} on {device} ({dtype}) ...", file=sys.stderr)  # stdout: answers only
     frozen = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

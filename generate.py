@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from cli import check_vocab
 from adapters import LoRALinear
 from model import LaVIN, Transformer, load_trained
 from weights import load_checkpoint
@@ -44,9 +45,7 @@ def load_for_inference(path, device, dtype=None, overrides: dict | None = None):
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)
     model, info = load_trained(ckpt, device, dtype, overrides)
     tok = data.Tokenizer(info["tokenizer"] or info["llama_dir"])  # a folder: its tokenizer.model, in it or beside it
-    if model.llama.args.vocab_size != tok.n_words:
-        raise ValueError(f"the tokenizer has {tok.n_words} pieces but the LLaMA has a "
-                         f"{model.llama.args.vocab_size}-row embedding: pass the --tokenizer of that --llama_dir")
+    check_vocab(tok, model.llama.args.vocab_size, info["tokenizer"] or info["llama_dir"], info["llama_dir"])
     info.update(image_size=model.visual.args.image_size, n_visual=model.visual.args.n_tokens)
     return model, tok, info
 

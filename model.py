@@ -337,16 +337,26 @@ class LaVIN(nn.Module):
         """tokens (B, T) in data.sequence_head's layout, has_image (B,), vis_mask (B, T): the image rows' placeholders,
         images (N_img, 3, H, W) for the image rows in order -> (B, 1 + T, C), the modality token at slot 0."""
         h = self.llama.tok_embeddings(tokens)  # (B, T, C)
-        if images is not None:
-            if vis_mask is None:
-                raise ValueError("images need vis_mask, their placeholder slots: data.collate or data.visual_slots")
-            # Text-only rows never reach CLIP (the official code runs a zero image through it and throws the result
-            # away); with per-image routing no image can influence another, so skipping is exact (README, 1 and 2).
+        if images is not None and vis_mask is None:
+            raise ValueError("images need vis_mask, their placeholder slots: data.collate or data.visual_slots")
+        # Text-only rows never reach CLIP (the official code runs a zero image through it and throws the result away);
+        # with per-image routing no image can influence another, so skipping is exact (README, 1 and 2). But a
+        # training micro-batch with no image at all still runs the tower, on one zero image, here: under FSDP2 CLIP's
+        # forward all-gathers its shards (and its backward reduce-scatters), collectives every rank must issue at the
+        # same point of every step whatever images its micro-batch holds, or they pair up wrongly and abort or hang;
+        # under DDP every trainable parameter needs its gradient on every rank.
+        dummy = images is None and self.training
+        if images is not None or dummy:
+            s = self.visual.args.image_size
+            pixels = images if images is not None else torch.zeros(1, 3, s, s, device=h.device)  # (N_img, 3, S, S)
             need_grad = any(p.requires_grad for p in self.visual.parameters())
             with torch.set_grad_enabled(need_grad and torch.is_grad_enabled()):
-                feats = self.visual(images)  # (N_img, V, W): V = 6 class tokens, after every 4th CLIP block
+                feats = self.visual(pixels)  # (N_img, V, W): V = 6 class tokens, after every 4th CLIP block
             v = self.adapter_proj(feats.to(self.adapter_proj.fc1.weight.dtype))  # (N_img, V, C)
-            h = h.masked_scatter(vis_mask[..., None], v.to(h.dtype))  # fills slots row by row, in order
+            if dummy:  # weight zero: h + 0 is h bit for bit, and the tower's parameters get zero gradients
+                h = h + 0.0 * v.sum().to(h.dtype)
+            else:
+                h = h.masked_scatter(vis_mask[..., None], v.to(h.dtype))  # fills slots row by row, in order
         m = self.adapter_modality_embedding(has_image.long())[:, None, :]  # (B, 1, C)
         return torch.cat([m.to(h.dtype), h], dim=1)  # (B, 1 + T, C)
 
@@ -362,18 +372,7 @@ class LaVIN(nn.Module):
         if labels is None:
             return self.llama.output(h).float()
         logits = self.llama.output(h.flatten(0, 1)[flat]).float()  # (N, vocab) in fp32, not fp16 (README, difference 7)
-        loss = F.cross_entropy(logits, labels[where[:, 0], where[:, 1]], reduction=reduction)
-        if images is None and self.training:
-            loss = loss + self.visual_touch()
-        return loss
-
-    def visual_touch(self) -> torch.Tensor:
-        """0 x the visual path on a zero image: without images the CLIP adapters and neck get no gradients, but DDP and
-        FSDP2 need gradients for the same parameters on every rank, or the reduce hangs (README, difference 2)."""
-        dev, s = self.adapter_proj.fc1.weight.device, self.visual.args.image_size
-        if not any(p.requires_grad for p in [*self.visual.parameters(), *self.adapter_proj.parameters()]):
-            return torch.zeros((), device=dev)
-        return 0.0 * self.adapter_proj(self.visual(torch.zeros(1, 3, s, s, device=dev))).float().sum()
+        return F.cross_entropy(logits, labels[where[:, 0], where[:, 1]], reduction=reduction)
 
     # ---- re-parameterisation (README, difference 6)
     @torch.no_grad()

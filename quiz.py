@@ -267,6 +267,9 @@ def _quiz_record(rng, split):
     return rec, spec, key
 
 
+SPLITS = ("train", "val", "test")  # the quiz's, in pid_splits.json (train.py checks --eval_split against them)
+
+
 def make_quiz(out_dir, seed=0, n_train=3000, n_val=300, n_test=600, image_size=64):
     """Write the quiz in ScienceQA's layout: problems.json, pid_splits.json, captions.json, images/{split}/{pid}/.
 
@@ -278,7 +281,7 @@ def make_quiz(out_dir, seed=0, n_train=3000, n_val=300, n_test=600, image_size=6
     problems, splits, captions = {}, {}, {}
     train_keys = set()
     pid = 0
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         rng = random.Random(f"quiz-{seed}-{split}")  # str seeds hash deterministically (not via PYTHONHASHSEED)
         splits[split] = []
         for _ in range(n):

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 import data
-from evaluate import UserError, add_eval_flags, add_model_flags, cli, inference_setup, run, teardown_distributed
+from cli import UserError, add_model_flags, cli, teardown_distributed
+from evaluate import add_eval_flags, inference_setup, run
 from generate import Sampling, answer, chat_prompt, prompt_budget
 from model import LaVIN
 

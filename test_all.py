@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bench
+import cli
 import data
 import demo
 import evaluate
@@ -221,23 +222,6 @@ def spawn(worker, *args, world=2):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{world} gloo ranks did not finish within 300 s")
-
-
-def finish(proc, timeout=240):
-    """Wait for a child at most `timeout` seconds -> (stdout, stderr); past that, kill it and fail with its output."""
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"child did not end within {timeout} s\n{out[-2000:]}\n{err[-2000:]}")
-
-
-def default_signals():
-    """A child's preexec_fn: SIGINT and SIGTERM back at their defaults. A child inherits "ignore" from a shell that
-    starts the suite in the background (`bash -c 'trap "" INT; ...'`), and then a test's signal would be lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # exec keeps an ignored signal ignored, but resets a default one
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _in_group(rank, world, port, worker, args):
@@ -2082,6 +2066,17 @@ def test_data_instruction_dataset(tmp_path, quiz, tok):
     assert tok.decode(b["tokens"]).endswith("Instruction: Which word is a noun? \nResponse:The word apple is a noun.")
     batch = data.collate([a, b])
     assert batch["images"].shape == (1, 3, 32, 32) and batch["has_image"].tolist() == [1, 0]
+    # JSONL, one record per line, told apart from a list by content: the same samples
+    (tmp_path / "mix.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
+    lines = data.InstructionDataset(tmp_path / "mix.jsonl", tok, image_dir=image.parent, image_size=32, n_visual=NV)
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip([a, b], [lines[0], lines[1]])) and len(lines) == 2
+    for text, message in [(json.dumps(recs[1]) + "\n{oops\n", "bad.jsonl line 2: not a JSON record"),
+                          (json.dumps(recs[1]) + "\n[1]\n", "bad.jsonl line 2: a record must be a JSON object"),
+                          ("hello", "bad.jsonl: neither a JSON list of records (starts with [) nor JSONL"),
+                          ('[{"a": 1},\n oops]', "bad.jsonl is not valid JSON (Expecting value: line 2 column 2")]:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.read_records(tmp_path / "bad.jsonl")
 
 
 def test_data_length_grouped_order():
@@ -2493,17 +2488,17 @@ def test_train_every_adapter_setting_is_a_train_flag():
     args = train.get_args(["--data_dir", "x", "--method", "mixlora", "--mix_pool", "6", "--mix_rank", "2",
                            "--mix_alpha", "7", "--mix_cfs", "separable", "--mix_mode", "hard", "--mix_lambda", "0.5",
                            "--lora_targets", "q,v", "--dropout", "0.2"])
-    a = train.adapter_args_from(args)
+    a = cli.adapter_args_from(args)
     assert {f.name for f in dataclasses.fields(AdapterArgs)} <= set(vars(args)) | {"adapter_dropout", "lora_dropout"}
     m = build_lavin("tiny", "tiny", a, device="meta")
     mix = m.llama.layers[0].attention.wq
     assert mix.scaling == 7 / 2 and mix.router.cfs == "separable" and mix.router.mode == "hard"
     assert mix.router.lam == 0.5 and mix.dropout.p == 0.2 and mix.lora_A.shape[0] == 6
     assert type(m.llama.layers[0].attention.wk) is nn.Linear  # not a target
-    a = train.adapter_args_from(train.get_args(["--data_dir", "x", "--method", "lora", "--lora_rank", "4",
+    a = cli.adapter_args_from(train.get_args(["--data_dir", "x", "--method", "lora", "--lora_rank", "4",
                                                 "--lora_alpha", "2"]))
     assert build_lavin("tiny", "tiny", a, device="meta").llama.layers[0].feed_forward.w2.scaling == 0.5
-    a = train.adapter_args_from(train.get_args(["--data_dir", "x", "--adapter_scale", "2", "--adapter_dim", "4"]))
+    a = cli.adapter_args_from(train.get_args(["--data_dir", "x", "--adapter_scale", "2", "--adapter_dim", "4"]))
     adapter = build_lavin("tiny", "tiny", a, device="meta").llama.layers[0].adapter_attn
     assert adapter.scale == 2.0 and adapter.down.out_features == 4 and adapter.dropout.p == 0.1
 
@@ -2552,6 +2547,14 @@ def test_train_resume_is_exact(tiny_setup, tmp_path, extra):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     assert losses(full) == losses(part)  # the resumed run logged the same losses for steps 3..5
+
+
+def test_train_max_steps_ends_early_and_still_evaluates(tiny_setup, tmp_path, capsys):
+    flags = [f for f in tiny_setup["flags"] if f != "--no_eval"]
+    train.main(flags + ["--out_dir", str(tmp_path), "--max_steps", "1", "--eval_split", "val",
+                        "--eval_max_new_tokens", "4"])
+    assert len(losses(tmp_path)) == 1 and "ScienceQA val: 16 problems" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "preds_val.json").read_text())["scores"]["counts"]) == len(evaluate.COLUMNS)
 
 
 def test_train_lr_schedule():
@@ -2605,6 +2608,57 @@ def test_train_two_processes_follow_one(tiny_setup, tmp_path, fsdp, extra):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _text_only_rank_worker(rank, world, fsdp):
+    """Every rank: one process on the global batch (rows 0-2 of make_batch, row 0 text-only) for 6 SGD steps, then DDP
+    or FSDP2 (train.py's wrap_model) where, for steps 1-3, rank 0's micro-batch is the text-only row and rank 1's the
+    two image rows, and for steps 4-6 the reverse. Losses and trained weights must agree to 1e-5 (relative)."""
+    tokens, has_image, vis_mask, imgs, labels = make_batch()
+    n_global = int((labels != IGNORE).sum())
+    img_idx = has_image.cumsum(0) - 1  # each image row's index into imgs
+
+    def steps(model, rows_of_step, world_=1):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)  # linear in the gradient
+        out = []
+        for rows in map(torch.tensor, rows_of_step):
+            im = has_image[rows] == 1
+            loss = model(tokens[rows], has_image[rows], vis_mask[rows], imgs[img_idx[rows][im]] if im.any() else None,
+                         labels=labels[rows], reduction="sum")
+            opt.zero_grad()
+            (loss * world_ / n_global).backward()
+            opt.step()
+            out.append(loss.detach() / n_global)
+        return torch.stack(out)
+
+    text, image = [0], [1, 2]
+    mine = [[text, image][rank]] * 3 + [[image, text][rank]] * 3
+    cases = {"mma": lambda: tiny_lavin("mma", adapter_dropout=0.0), "lora": lambda: tiny_lavin("lora", lora_dropout=0.0),
+             "lite-nf4": lambda: quantize_llama_(tiny_lavin("mma", adapter_dropout=0.0))}
+    for name, make in cases.items():
+        ref_model = make().train()
+        ref = steps(ref_model, [[0, 1, 2]] * 6)
+        model = make().train()
+        wrapped = wrap_model(model, Namespace(fsdp=fsdp, grad_ckpt=False, compile=False), torch.device("cpu"), world)
+        got = steps(wrapped, mine, world)
+        dist.all_reduce(got)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=0, msg=name)
+        a, b = trainable_state_dict(model), trainable_state_dict(ref_model)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_train_text_only_rank_beside_image_rank(monkeypatch, fsdp):
+    """A rank whose micro-batch holds no image issues the same collectives as one that holds images (the vision tower
+    runs on every rank at the same point), and the result equals one process's. TORCH_DISTRIBUTED_DEBUG=DETAIL checks
+    every collective's kind and shapes across ranks and raises on a mismatch. DDP: at INFO, because torch 2.13 crashes
+    (SIGSEGV) constructing DDP over the DETAIL-wrapped gloo group, even for one nn.Linear; DDP checks by itself that
+    every trainable parameter got a gradient on every rank (no find_unused_parameters), and its collectives are the
+    gradient buckets, the same on every rank."""
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL" if fsdp else "INFO")
+    spawn(_text_only_rank_worker, fsdp)
+
+
 def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_path):
     flags = list(tiny_setup["flags"])
     llama_dir = Path(flags[flags.index("--llama_dir") + 1])
@@ -2617,7 +2671,7 @@ def test_train_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_setup, tmp_pat
     flags[flags.index("--llama_dir") + 1] = str(bad)
     out = tmp_path / "out"
     save_checkpoint(out / "ckpt.pt", {"model": {}, "step": 7})  # an earlier, unrelated run's checkpoint
-    with pytest.raises(train.UserError, match=r"--out_dir .*already holds a checkpoint.*--overwrite"):
+    with pytest.raises(cli.UserError, match=r"--out_dir .*already holds a checkpoint.*--overwrite"):
         train.main(flags + ["--out_dir", str(out)])  # a fresh run does not write over it
     assert load_checkpoint(out / "ckpt.pt")["step"] == 7  # left alone
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
@@ -3010,7 +3064,7 @@ def test_bench_length_distribution():
 def test_bench_unknown_flag_is_an_error():
     with pytest.raises(SystemExit):
         bench.get_args(["--no_such_flag"])
-    with pytest.raises(evaluate.UserError, match="--methods mma,adapterx: unknown"):
+    with pytest.raises(cli.UserError, match="--methods mma,adapterx: unknown"):
         bench.get_args(["--methods", "mma,adapterx"])
 
 
@@ -3116,7 +3170,7 @@ def test_bench_compare_against_transformers(capsys, monkeypatch):
 # =====================================================================================================================
 
 def run_script(script, argv, monkeypatch, capsys):
-    """A script as its command runs it (its `if __name__ == "__main__"` block, through evaluate.cli), in this
+    """A script as its command runs it (its `if __name__ == "__main__"` block, through cli.cli), in this
     process: -> (exit code, stderr). In-process because every new Python pays seconds to import torch here."""
     monkeypatch.setattr(sys, "argv", [script, *argv])
     capsys.readouterr()
@@ -3133,6 +3187,8 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
     junk.write_bytes(b"PK\x03\x04 half a zip")
     held = tmp_path / "held"
     save_checkpoint(held / "ckpt.pt", {"model": {}, "optimizer": {}, "step": 3, "args": {"epochs": 2}})
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c" "output": "d"}\n')
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     bad_json = tmp_path / "bad_json"
@@ -3172,6 +3228,12 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
         train_("--dtype", "bf16") + ("--dtype bf16: for GPUs",) if not torch.cuda.is_available() else None,
         train_("--lora_targets", "q,zz", "--method", "lora") + ("zz",),
         train_("--prompt_format", "QQQ-A") + ("--prompt_format QQQ-A: must be INPUT-OUTPUT",),
+        train_("--method", "full", "--quant", "nf4") + ("--method full trains the base weights, which a 4-bit base",),
+        ("train.py", [*out, "--eval_split", "nosuch"], "--eval_split nosuch: not a split of the quick start's quiz "
+                                                       "(has: train, val, test)"),  # before the quiz is generated
+        train_("--instruction_json", str(jsonl)) + (f"{jsonl} line 2: not a JSON record",),
+        train_("--tokenizer", str(LLAMA_TOK)) + (f"--tokenizer {LLAMA_TOK} has 32000 pieces but the LLaMA at",)
+        if LLAMA_TOK.is_file() else None,
         train_("--llama_dir", "/no/such/dir") + ("--llama_dir /no/such/dir: no such folder",),
         train_("--clip_path", "/no/such.pt") + ("--clip_path /no/such.pt: no such file",),
         train_("--data_dir", str(bad_json)) + (f"{bad_json}/pid_splits.json is not valid JSON",),
@@ -3213,13 +3275,47 @@ def test_robust_bad_inputs_are_one_line_errors(tiny_setup, ckpt, tmp_path, monke
         assert "Traceback" not in err and "weights_only=False" not in err, err
         assert not (tmp_path / "out" / "ckpt.pt").exists() and not (tmp_path / "out" / "log.jsonl").exists()
     # --debug shows the traceback instead
-    with pytest.raises(train.UserError, match="--epochs 0"):
+    with pytest.raises(cli.UserError, match="--epochs 0"):
         run_script("train.py", [*tiny_setup["flags"], "--epochs", "0", "--debug"], monkeypatch, capsys)
 
 
-def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch):
+def test_cli_only_rank_0_reports_an_error_every_rank_meets(tiny_setup, tmp_path, monkeypatch, capsys):
+    """Under torchrun (RANK set) a user error or a stop is printed by rank 0 alone; the other ranks exit with the same
+    status, silently. An error of a rank's own names the rank."""
+    argv = [*tiny_setup["flags"], "--out_dir", str(tmp_path), "--epochs", "0"]
+    for rank, expected in (("0", ["error: --epochs 0: must be >= 1"]), ("1", [])):
+        monkeypatch.setenv("RANK", rank)
+        code, err = run_script("train.py", argv, monkeypatch, capsys)
+        assert code == 1 and error_lines(err) == expected and (rank == "0" or err == ""), err
+
+    def stopped():
+        raise cli.Stopped(signal.SIGTERM, "stopped by SIGTERM after step 3, saved")
+
+    def unreadable():
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), "/data/img.png")
+
+    for rank, main, code, expected in (("1", stopped, 143, []), ("0", stopped, 143, ["error: stopped by SIGTERM "
+                                       "after step 3, saved"]), ("1", unreadable, 1, ["error: rank 1: Permission denied: "
+                                                                                      "/data/img.png"])):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.cli(main)
+        assert exit_info.value.code == code and error_lines(capsys.readouterr().err) == expected
+
+
+def test_cli_adapter_flags_carry_adapter_args_defaults():
+    """train.py's adapter flags are AdapterArgs' fields, with its defaults: nothing given, AdapterArgs() itself."""
+    args = train.get_args(["--data_dir", "x"])
+    assert cli.adapter_args_from(args) == AdapterArgs()
+    assert {f.name for f in dataclasses.fields(AdapterArgs)} - set(cli.DROPOUTS) <= set(vars(args))
+    assert cli.adapter_args_from(train.get_args(["--data_dir", "x", "--dropout", "0.3"])) == AdapterArgs(
+        adapter_dropout=0.3, lora_dropout=0.3)
+
+
+def test_robust_quick_start_batch_geometry_fits_torchrun(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = train.get_args([])
+    args = train.get_args(["--out_dir", str(tmp_path)])  # check_args writes there, not in the checkout's out/
     assert (args.batch_size, args.micro_batch) == (32, 16)  # 16 per rank x 2 ranks = the quick start's 32
     train.check_args(args, 2)  # the geometry divides
     assert train.get_args(["--micro_batch", "8"]).micro_batch == 8  # a value the user gave stays
@@ -3229,8 +3325,31 @@ def wait_for(predicate, proc, timeout=240):
     t0 = time.time()
     while not predicate():
         assert proc.poll() is None, finish(proc)
-        assert time.time() - t0 < timeout, "timed out"
+        assert time.time() - t0 < timeout, "timed out: " + str(finish(proc, kill=True))
         time.sleep(0.05)
+
+
+def start(argv, cwd=None, nproc=None):
+    """train.py (under torchrun with nproc) as a child that takes signals: SIGINT and SIGTERM at their defaults, as
+    a shell gives them, even where pytest itself runs with SIGINT ignored (a child inherits an ignored signal)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    reset = lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]  # noqa: E731
+    return subprocess.Popen([sys.executable, *launcher, str(ROOT / "train.py"), *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=reset)
+
+
+def finish(proc, timeout=120, kill=False):
+    """(stdout, stderr) of a child that is ending; one that does not end in time is killed, and the test fails
+    with what it printed."""
+    if kill:
+        proc.kill()
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} did not end in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
 
 
 def logged(out_dir):
@@ -3238,42 +3357,79 @@ def logged(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def test_robust_kill_resume_lock(tiny_setup, tmp_path):
     """A run killed with SIGKILL resumes with its own --save_every and out_dir (from another folder, flags not
-    repeated); stopping that with Ctrl-C (SIGINT) prints one line with the resume command; neither loses more than
-    one save interval. While a run writes its out_dir, a second is refused with the first's pid; the lock a killed
-    run leaves is taken over, and one that ends cleans up its lock and temporary files."""
+    repeated), losing at most one save interval; stopping that with Ctrl-C (SIGINT) finishes the step, saves it and
+    prints one line with the resume command. While a run writes its out_dir, a second is refused with the first's
+    pid; the lock a killed run leaves is taken over, and one that ends cleans up its lock and temporary files."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    popen = lambda argv: subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=elsewhere, env=env,  # noqa: E731
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          preexec_fn=default_signals)
-    first = popen(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"])
+    first = start(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "2", "--epochs", "1000"], elsewhere)
     wait_for(lambda: len(logged(out)) >= 5, first)
-    with pytest.raises(train.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
+    with pytest.raises(cli.UserError, match=rf"--out_dir {out}: another run \(pid {first.pid}\) is writing there"):
         train.main(["--resume", str(out / "ckpt.pt"), "--max_steps", "100"])
-    first.kill()
-    finish(first)
+    finish(first, kill=True)
     last, saved = logged(out)[-1]["step"], load_checkpoint(out / "ckpt.pt")["step"]
     assert 0 <= last - saved <= 2, (last, saved)
 
-    second = popen(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)])
+    second = start(["--resume", os.path.relpath(out / "ckpt.pt", elsewhere)], elsewhere)
     wait_for(lambda: len(logged(out)) >= last + 8, second)  # the old steps, the marker, and a few new ones
     second.send_signal(signal.SIGINT)
     stdout, stderr = finish(second)
     assert f"taking over the lock of pid {first.pid}" in stdout
     assert second.returncode == 130 and "Traceback" not in stderr, stderr
-    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
-        f"error: interrupted; continue with: python train.py --resume {out}/ckpt.pt"]
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no lock, no temporary file
     log = logged(out)
+    ck = load_checkpoint(out / "ckpt.pt")
+    assert error_lines(stderr) == [f"error: stopped by SIGINT after step {ck['step']}, saved; continue with: python "
+                                   f"train.py --resume {out}/ckpt.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no lock, no temporary file
     marker = [r for r in log if "resumed_from" in r]
     assert marker == [{"resumed_from": str(out / "ckpt.pt"), "step": saved}]
-    ck = load_checkpoint(out / "ckpt.pt")
     assert ck["args"]["save_every"] == 2 and ck["args"]["out_dir"] == str(out)  # kept, though not passed again
     assert all(os.path.isabs(ck["args"][k]) for k in ("llama_dir", "clip_path", "tokenizer", "data_dir", "out_dir"))
-    assert 0 <= log[-1]["step"] - ck["step"] <= 2 and ck["step"] > saved
+    assert log[-1]["step"] == ck["step"] > saved  # nothing lost: the step the signal came in was saved
+
+
+def test_robust_sigterm_saves_the_step_and_resumes_exactly(tiny_setup, tmp_path):
+    """SIGTERM (a scheduler's preemption) mid-epoch with --save_every 0: the step finishes and is saved, one line
+    gives the resume command, the exit status is 143; the resumed run then logs the uninterrupted run's losses."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = tiny_setup["flags"] + ["--save_every", "0", "--epochs", "1"]
+    proc = start(flags + ["--out_dir", str(part)])
+    wait_for(lambda: len(logged(part)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc)
+    step = load_checkpoint(part / "ckpt.pt")["step"]
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert error_lines(stderr) == [f"error: stopped by SIGTERM after step {step}, saved; continue with: python "
+                                   f"train.py --resume {part}/ckpt.pt"]
+    assert 3 <= step == logged(part)[-1]["step"] < 12  # mid-epoch: 12 steps per epoch
+    train.main(["--resume", str(part / "ckpt.pt")])
+    train.main(flags + ["--out_dir", str(full)])
+    assert losses(part) == losses(full) and len(losses(full)) == 12  # bit for bit
+
+
+def test_robust_torchrun_stops_every_rank_together_and_reports_once(tiny_setup, tmp_path):
+    """Under torchrun, SIGTERM to rank 0 alone (its pid is in the lock) stops both ranks after the same step, with
+    one checkpoint of that step and one error line for the job; a second launch into that out_dir is refused with
+    one line too, though both ranks meet the error."""
+    out = tmp_path / "out"
+    proc = start(tiny_setup["flags"] + ["--out_dir", str(out), "--save_every", "0", "--epochs", "1"], nproc=2)
+    wait_for(lambda: len(logged(out)) >= 2, proc)
+    os.kill(int((out / "lock").read_text()), signal.SIGTERM)
+    _, stderr = finish(proc)
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    assert proc.returncode != 0 and step == logged(out)[-1]["step"] < 12, stderr
+    assert error_lines(stderr) == [f"error: stopped by SIGTERM after step {step}, saved; continue with: torchrun "
+                                   f"<the same launcher flags> train.py --resume {out}/ckpt.pt"], stderr
+    again = start(tiny_setup["flags"] + ["--out_dir", str(out)], nproc=2)
+    _, stderr = finish(again)
+    assert again.returncode != 0 and len(error_lines(stderr)) == 1, stderr
+    assert f"--out_dir {out}: already holds a checkpoint" in error_lines(stderr)[0]
 
 
 def test_robust_full_disk_keeps_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -45,9 +46,11 @@ from tqdm import tqdm
 
 import data
 import quiz
-from adapters import METHODS, AdapterArgs, load_trainable, trainable_state_dict
-from evaluate import (UserError, check_device, check_flags, check_paths, check_split, check_writable, cli, evaluate,
-                      setup_distributed, teardown_distributed)
+from adapters import FULL_NF4_ERROR, load_trainable, trainable_state_dict
+from cli import (STOPS, Stopped, UserError, adapter_args_from, add_adapter_flags, check_device, check_flags,
+                 check_paths, check_split, check_vocab, check_writable, cli, default_dtype, setup_distributed,
+                 stop_signal, teardown_distributed)
+from evaluate import evaluate
 from model import IGNORE, LaVIN, count_params, load_lavin, warmup_cosine
 from router import default_tau, routing_table
 from weights import load_checkpoint, save_checkpoint
@@ -69,33 +72,15 @@ def make_parser():
     g = p.add_argument_group("data (every training image is decoded once before training starts; an unreadable one "
                              "is left out, and the count is printed then and at the end)")
     g.add_argument("--data_dir", help="ScienceQA root: problems.json, pid_splits.json, images/ (default: the quiz)")
-    g.add_argument("--instruction_json", help="LLaVA-Instruct / Alpaca JSON for the chatbot setting instead of ScienceQA")
+    g.add_argument("--instruction_json", help="LLaVA-Instruct / Alpaca records for the chatbot setting instead of "
+                   "ScienceQA: a JSON list, or JSONL (one record per line)")
     g.add_argument("--image_dir", help="image folder for --instruction_json (e.g. COCO train2014)")
     g.add_argument("--prompt_format", default="QCM-ALE", help="ScienceQA prompt format (the scripts' QCM-ALE)")
     g.add_argument("--norm", default="imagenet", choices=["imagenet", "clip"],
                    help="image normalisation: ImageNet's statistics as the official code, or CLIP's own")
     g.add_argument("--max_seq_len", type=int, default=512)
     g.add_argument("--group_by_length", action="store_true", help="batch similar lengths together (fewer pads)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="mma", choices=METHODS)
-    g.add_argument("--tau", type=float, default=None, help="router temperature (default: 10 for 7B, 5 for 13B, as the "
-                   "official scripts; router.default_tau)")
-    g.add_argument("--adapter_dim", type=int, default=8)
-    g.add_argument("--adapter_scale", type=float, default=1.0, help="s of the MM-Adapter (official: 1)")
-    g.add_argument("--dropout", type=float, default=None,
-                   help="adapter dropout (default: 0.1 in MM-Adapters as official, 0.05 in LoRA/MixLoRA as LLaVA)")
-    g.add_argument("--lora_rank", type=int, default=64)
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank, as LLaVA)")
-    g.add_argument("--lora_targets", default="q,k,v,o,gate,up,down", help="which LLaMA linears get LoRA")
-    g.add_argument("--mix_pool", type=int, default=16)
-    g.add_argument("--mix_rank", type=int, default=4)
-    g.add_argument("--mix_alpha", type=float, default=None, help="MixLoRA alpha (default: 2 x pool, the released script)")
-    g.add_argument("--mix_cfs", default="dot", choices=["dot", "separable", "none"],
-                   help="MixLoRA's conditional factor selection: the paper's dot product, the released code's "
-                        "separable form, or none (README, difference 21)")
-    g.add_argument("--mix_mode", default="weighted", choices=["weighted", "hard"],
-                   help="weighted: factors scaled by their scores, so the routers learn; hard: the released code")
-    g.add_argument("--mix_lambda", type=float, default=1.0, help="weight of the CFS score (the released ifs_weight)")
+    add_adapter_flags(p)  # --method, --tau, --adapter_dim ... --mix_lambda: adapters.AdapterArgs, its defaults
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch_size", type=int, default=32, help="global batch: micro_batch x accumulation x ranks")
@@ -106,7 +91,9 @@ def make_parser():
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--loss_norm", default="global", choices=["global", "official"],
                    help="global: mean over the labelled tokens of the whole step on all ranks; official: per micro-batch")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (tests, smoke runs)")
+    g.add_argument("--max_steps", type=int, default=None, help="end training early, after this many optimizer "
+                   "steps (smoke runs; the lr schedule stays --epochs'); the final evaluation still runs "
+                   "unless --no_eval")
     g = p.add_argument_group("system")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="compute dtype: bf16 autocast on GPU (default), fp32 on CPU; fp16 uses a loss scaler")
@@ -207,6 +194,11 @@ def check_args(args, world: int):
             if getattr(args, flag) is None:
                 raise UserError(f"--{flag}: required when training on real data (or give no data flags at all for "
                                 f"the quick start)")
+    if args.method == "full" and args.quant:
+        raise UserError(FULL_NF4_ERROR)
+    if args.quick and not args.no_eval and args.eval_split not in quiz.SPLITS:  # before the quiz exists
+        raise UserError(f"--eval_split {args.eval_split}: not a split of the quick start's quiz (has: "
+                        f"{', '.join(quiz.SPLITS)})")
     if not args.instruction_json and not args.quick and not args.no_eval:
         check_split("eval_split", args.eval_split, args.data_dir)
     ckpt = Path(args.out_dir) / "ckpt.pt"
@@ -244,18 +236,8 @@ def base_paths(args, master: bool):
         # On every rank: the files exist now, so this only returns their paths.
         paths = quiz.quick_start("quiz", args.prompt_format, args.seed)
         args.data_dir, args.tokenizer, args.llama_dir, args.clip_path = map(os.path.abspath, paths)
-        if not args.no_eval:
-            check_split("eval_split", args.eval_split, args.data_dir)
         return
     args.tokenizer = args.tokenizer or str(data.tokenizer_path(args.llama_dir))
-
-
-def adapter_args_from(args) -> AdapterArgs:
-    dropout = {} if args.dropout is None else {"adapter_dropout": args.dropout, "lora_dropout": args.dropout}
-    return AdapterArgs(method=args.method, tau=args.tau, adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale,
-                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                       mix_pool=args.mix_pool, mix_rank=args.mix_rank, mix_alpha=args.mix_alpha, mix_cfs=args.mix_cfs,
-                       mix_mode=args.mix_mode, mix_lambda=args.mix_lambda, **dropout)
 
 
 def build(args, device, master: bool):
@@ -265,9 +247,7 @@ def build(args, device, master: bool):
     frozen_dtype = torch.bfloat16 if (device.type == "cuda" and not args.fsdp and args.method != "full") else None
     model = load_lavin(args.llama_dir, args.clip_path, adapter_args_from(args), device, frozen_dtype, args.max_seq_len,
                        args.clip_every, args.quant)
-    if model.llama.args.vocab_size != tok.n_words:
-        raise UserError(f"tokenizer {args.tokenizer} has {tok.n_words} pieces but the LLaMA at {args.llama_dir} "
-                        f"has a {model.llama.args.vocab_size}-row embedding: they do not belong together")
+    check_vocab(tok, model.llama.args.vocab_size, args.tokenizer, args.llama_dir)
     vis = dict(image_size=model.visual.args.image_size, norm=args.norm, n_visual=model.visual.args.n_tokens)
     if args.instruction_json:
         train_set = data.InstructionDataset(args.instruction_json, tok, args.image_dir, args.max_seq_len, **vis,
@@ -314,10 +294,11 @@ def wrap_model(model: LaVIN, args, device, world: int):
         fully_shard(model, mp_policy=mp)
         return model
     # Frozen parameters get no gradient buckets, so DDP communicates the adapters only. Every trainable parameter gets
-    # a gradient every step (LaVIN.visual_touch covers image-free micro-batches), so no find_unused_parameters. No
-    # buffer changes and every rank loads the same weights, so none is broadcast, neither at wrapping nor every forward
-    # (for a 4-bit base: the whole base). Its successor forward_sync_buffers=False would still broadcast at wrapping,
-    # so torch (2.13) itself advises broadcast_buffers=False for this case, and its deprecation warning is noise here.
+    # a gradient every step (LaVIN.embed runs the vision tower on image-free micro-batches too), so no
+    # find_unused_parameters. No buffer changes and every rank loads the same weights, so none is broadcast, neither
+    # at wrapping nor every forward (for a 4-bit base: the whole base). Its successor forward_sync_buffers=False would
+    # still broadcast at wrapping, so torch (2.13) itself advises broadcast_buffers=False for this case, and its
+    # deprecation warning is noise here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -536,10 +517,12 @@ def main(argv=None):
 def train(args):
     rank, _, world, device = setup_distributed()
     master = rank == 0
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    torch.manual_seed(args.seed)  # identical model init on every rank (DDP also broadcasts rank 0's parameters)
+    dtype = args.dtype or default_dtype(device)
+    base_paths(args, master)  # on a first quick start, rank 0 pre-trains the stand-ins here, drawing on torch's RNG
+    # Seeded after that: the same model init on every rank (FSDP2 keeps each rank's own shards, nothing broadcasts
+    # them) and on a first run as on every later one.
+    torch.manual_seed(args.seed)
     random.seed(args.seed + rank)
-    base_paths(args, master)
     raw, tok, train_set = build(args, device, master)
 
     # Batch geometry: a fixed global batch whatever the number of ranks (check_args saw it divide).
@@ -567,41 +550,47 @@ def train(args):
         log.write(json.dumps({"resumed_from": args.resume, "step": step}) + "\n")
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"train {args.method}", dynamic_ncols=True)
     model.train()
-    while step < stop:
-        epoch = step // steps_per_epoch
-        batches = epoch_batches(train_set.lengths, epoch, args, rank, world)
-        # Its own generator, so that creating the loader (which draws worker seeds) leaves the global RNG, and hence
-        # the dropout masks, exactly where an uninterrupted run has them: resuming is then bit-exact.
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[(step % steps_per_epoch) * accum:],
-                                             collate_fn=data.collate, num_workers=args.workers,
-                                             generator=torch.Generator().manual_seed(args.seed + epoch))
-        it = iter(loader)
-        epoch_end = min(stop, (epoch + 1) * steps_per_epoch)
-        while step < epoch_end:
-            t0 = time.time()
-            micro = [next(it) for _ in range(accum)]  # the whole step's micro-batches: their labels set the normaliser
-            lr = lr_at(step, steps_per_epoch, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = train_step(model, micro, opt, scaler, autocast, args, step, world, device, last_good)
-            step += 1
-            train_loss = all_sum(float(loss), device)  # the step's one host sync for logging, after the update
-            tok_s = all_sum(sum(b["tokens"].numel() for b in micro), device) / (time.time() - t0)
-            if master:
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": train_loss, "lr": lr,
-                                      "tok_per_s": tok_s, "time": time.time()}) + "\n")
-                log.flush()
-            if (args.save_every and step % args.save_every == 0) or step == epoch_end:
-                last_good = save(raw, opt, step, args, world, master)  # every save_every steps, every epoch's end
-        if step % steps_per_epoch == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0 and not args.no_eval:
-            evaluate_split(raw, tok, args, rank, world)
-            model.train()
+    with STOPS.deferred():  # a signal from here on ends the step it arrives in; then a save, and the stop
+        while step < stop:
+            epoch = step // steps_per_epoch
+            batches = epoch_batches(train_set.lengths, epoch, args, rank, world)
+            # Its own generator, so that creating the loader (which draws worker seeds) leaves the global RNG, and
+            # hence the dropout masks, exactly where an uninterrupted run has them: resuming is then bit-exact.
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[(step % steps_per_epoch) * accum:],
+                                                 collate_fn=data.collate, num_workers=args.workers,
+                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
+            it = iter(loader)
+            epoch_end = min(stop, (epoch + 1) * steps_per_epoch)
+            while step < epoch_end:
+                t0 = time.time()
+                micro = [next(it) for _ in range(accum)]  # the whole step's micro-batches: their labels, the normaliser
+                lr = lr_at(step, steps_per_epoch, args)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = train_step(model, micro, opt, scaler, autocast, args, step, world, device, last_good)
+                step += 1
+                train_loss = all_sum(float(loss), device)  # the step's one host sync for logging, after the update
+                tok_s = all_sum(sum(b["tokens"].numel() for b in micro), device) / (time.time() - t0)
+                if master:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": train_loss,
+                                          "lr": lr, "tok_per_s": tok_s, "time": time.time()}) + "\n")
+                    log.flush()
+                signum = stop_signal(STOPS.got, device)
+                if (args.save_every and step % args.save_every == 0) or step == epoch_end or signum:
+                    last_good = save(raw, opt, step, args, world, master)  # every save_every steps, epoch end, stop
+                if signum:
+                    bar.close()
+                    raise Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step}, saved")
+            if step % steps_per_epoch == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0 \
+                    and not args.no_eval:
+                evaluate_split(raw, tok, args, rank, world)
+                model.train()
     bar.close()
     if master and not args.fsdp:  # under FSDP2 the layers are shards that only a forward on every rank can gather
         print(show_routing(raw))
-    if not args.no_eval and step >= total_steps and not args.instruction_json:
+    if not args.no_eval and not args.instruction_json:  # after the last epoch, or after --max_steps
         evaluate_split(raw, tok, args, rank, world)
     if log:
         log.close()
@@ -613,7 +602,8 @@ def train(args):
 
 def command():
     try:
-        main()
+        with STOPS.installed():
+            main()
     except torch.cuda.OutOfMemoryError as e:
         err = UserError(f"out of GPU memory: {str(e).splitlines()[0]}; flags that help, most effective first: "
                         f"--micro_batch 1 or 2 (accumulation keeps the global batch), --grad_ckpt (recompute "
