@@ -68,7 +68,7 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-class Stopped(Exception):
+class ClientGone(Exception):
     """The client left (closed the connection, pressed Stop): raised from generate's per-token hook to end it there."""
 
 
@@ -89,7 +89,7 @@ class Line:
     @contextmanager
     def turn(self, waiting):
         """Hold the model inside the with-block. waiting(ahead) runs about twice a second while `ahead` requests are
-        in front; it may raise (Stopped) to leave the line."""
+        in front; it may raise (ClientGone) to leave the line."""
         me = object()
         with self.cond:
             self.queue.append(me)
@@ -266,7 +266,7 @@ class App:
 
         def on_token(t: int):
             if gone():
-                raise Stopped
+                raise ClientGone
             if t == eos or ended[0] == "stop":  # generate() emits EOS for a finished row until it checks (8 steps)
                 ended[0] = "stop"
             else:
@@ -277,7 +277,7 @@ class App:
         try:
             text = answer(self.model, self.tok, job.prompt, job.image, job.sampling, generator, self.merge,
                           on_text=on_text, on_token=on_token)
-        except Stopped:
+        except ClientGone:
             text, ended[0] = None, "stopped"
         n = len(times)
         stats = dict(prompt_tokens=len(job.prompt), completion_tokens=n, ended=ended[0],
@@ -366,7 +366,7 @@ class Handler(BaseHTTPRequestHandler):
         cid = f"chatcmpl-{time.time_ns():x}"
         try:
             (self.stream if job.stream else self.complete)(app, job, cid)
-        except Stopped:
+        except ClientGone:
             self.close_connection = True  # the client left: nobody to answer
         except Exception as e:  # a bug: report it to this client, and go on serving the others
             traceback.print_exc()
@@ -374,7 +374,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             try:
                 self.event(message) if job.stream else self.json(500, message)
-            except Stopped:
+            except ClientGone:
                 pass
 
     def complete(self, app: App, job: Job, cid: str):
@@ -425,14 +425,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def check_gone(self):
         if self.gone():
-            raise Stopped
+            raise ClientGone
 
     def write(self, text: str):
         try:
             self.wfile.write(text.encode())
             self.wfile.flush()
         except OSError:  # broken pipe, reset: the client left
-            raise Stopped from None
+            raise ClientGone from None
 
     def event(self, obj: dict):
         self.write(f"data: {json.dumps(obj)}\n\n")
