@@ -79,6 +79,9 @@ def make_parser():
     g.add_argument("--method", default="mma", choices=METHODS)
     g.add_argument("--tau", type=float, default=None, help="router temperature (default: 10 for 7B, 5 for 13B, as the "
                    "official scripts; router.default_tau)")
+    g.add_argument("--router", default="modality", choices=["modality", "none"],
+                   help="MMA's modality router (paper §3.2), or none: the routing ablation, one adapter path for both "
+                        "modalities (adapters.AdapterArgs.router)")
     g.add_argument("--adapter_dim", type=int, default=8)
     g.add_argument("--adapter_scale", type=float, default=1.0, help="s of the MM-Adapter (official: 1)")
     g.add_argument("--dropout", type=float, default=None,
@@ -251,7 +254,7 @@ def base_paths(args, master: bool):
 
 def adapter_args_from(args) -> AdapterArgs:
     dropout = {} if args.dropout is None else {"adapter_dropout": args.dropout, "lora_dropout": args.dropout}
-    return AdapterArgs(method=args.method, tau=args.tau, adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale,
+    return AdapterArgs(method=args.method, tau=args.tau, router=args.router, adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale,
                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                        mix_pool=args.mix_pool, mix_rank=args.mix_rank, mix_alpha=args.mix_alpha, mix_cfs=args.mix_cfs,
                        mix_mode=args.mix_mode, mix_lambda=args.mix_lambda, **dropout)
@@ -278,7 +281,8 @@ def build(args, device, master: bool):
         trainable, total = count_params(model)
         tau = args.tau if args.tau is not None else default_tau(model.llama.args.dim)
         print(f"method {args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
-              + (f"; router temperature {tau:g}" if args.method == "mma" else ""))
+              + (f"; router temperature {tau:g}" if args.method == "mma" and args.router == "modality" else "")
+              + ("; no modality router (--router none)" if args.method == "mma" and args.router == "none" else ""))
         if train_set.n_truncated:
             print(f"note: {train_set.n_truncated} samples exceed max_seq_len {args.max_seq_len} and were truncated "
                   f"(answer tail first; see data.encode_example)")
@@ -462,7 +466,7 @@ def evaluate_split(model: LaVIN, tok, args, rank, world):
 
 def show_routing(model: LaVIN) -> str:
     """The LLaMA-side routing weights each modality gets, per layer (a per-modality constant: paper §3.2)."""
-    if model.adapter_args.method != "mma":
+    if model.adapter_args.method != "mma" or model.adapter_args.router == "none":
         return ""
     was = model.training
     model.eval()
