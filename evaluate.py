@@ -644,7 +644,8 @@ def format_mme(scores: dict) -> str:
                      f"{v['unparsed']:>9}")
     for name, group in (("Perception", MME_PERCEPTION), ("Cognition", MME_COGNITION)):
         n, total = sum(t in scores["subtasks"] for t in group), scores[name]
-        lines.append(f"{name:<11}({n:>2} of {len(group):>2})" + f"{'-' if total is None else f'{total:.2f}':>16}")
+        label = f"{name} ({n} of {len(group)} subtasks)"
+        lines.append(f"{label:<38}{'-' if total is None else f'{total:.2f}':>8}")  # under the score column
     if scores["missing"]:
         lines.append("missing subtasks (left out of the totals): " + ", ".join(scores["missing"]))
     lines.append(f"unparsed replies (neither yes nor no by their first word, counted wrong): {scores['unparsed']}")

@@ -2051,7 +2051,7 @@ def test_evaluate_mme_hand_built_folder_scores_as_calculation_py(tmp_path):
     assert (scores["Perception"], scores["Cognition"], scores["unparsed"]) == (175.0, 200.0, 1)
     assert len(scores["missing"]) == 11 and "OCR" in scores["missing"] and "existence" not in scores["missing"]
     table = evaluate.format_mme(scores)
-    assert "Perception ( 2 of 10)          175.00" in table and "Cognition  ( 1 of  4)          200.00" in table
+    assert "\nPerception (2 of 10 subtasks)           175.00\nCognition (1 of 4 subtasks)             200.00\n" in table
     assert "missing subtasks (left out of the totals): count, position" in table and table.endswith(": 1")
     out = tmp_path / "results"
     (out / "OCR.txt").parent.mkdir()
@@ -2112,7 +2112,7 @@ def test_evaluate_mme_single_and_two_processes(ckpt, tmp_path):
     one = run(flags + ["--out", str(tmp_path / "one")])
     two = run(flags + ["--out", str(tmp_path / "two")], nproc=2)
     table = lambda out: out[out.index("subtask "):out.index("results written")]  # noqa: E731
-    assert "existence" in table(one) and "Cognition  ( 0 of  4)" in table(one) and table(one) == table(two)
+    assert "existence" in table(one) and "Cognition (0 of 4 subtasks)" in table(one) and table(one) == table(two)
     files = lambda d: {p.name: p.read_text() for p in (tmp_path / d).iterdir()}  # noqa: E731
     assert files("one") == files("two") and sorted(files("one")) == ["color.txt", "count.txt", "existence.txt",
                                                                       "position.txt"]
