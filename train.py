@@ -254,11 +254,10 @@ def base_paths(args, master: bool):
 
 def adapter_args_from(args) -> AdapterArgs:
     dropout = {} if args.dropout is None else {"adapter_dropout": args.dropout, "lora_dropout": args.dropout}
-    return AdapterArgs(method=args.method, tau=args.tau, router=args.router, adapter_dim=args.adapter_dim,
-                       adapter_scale=args.adapter_scale, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                       lora_targets=args.lora_targets, mix_pool=args.mix_pool, mix_rank=args.mix_rank,
-                       mix_alpha=args.mix_alpha, mix_cfs=args.mix_cfs, mix_mode=args.mix_mode, mix_lambda=args.mix_lambda,
-                       **dropout)
+    return AdapterArgs(method=args.method, tau=args.tau, adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                       mix_pool=args.mix_pool, mix_rank=args.mix_rank, mix_alpha=args.mix_alpha, mix_cfs=args.mix_cfs,
+                       mix_mode=args.mix_mode, mix_lambda=args.mix_lambda, router=args.router, **dropout)
 
 
 def build(args, device, master: bool):
