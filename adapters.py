@@ -16,6 +16,8 @@ freeze everything else, save and load them, and fold them away for inference.
 - `quantize_nf4`, `NF4Linear`, `quantize_llama_`: a frozen base in 4-bit NormalFloat with double quantization
   (QLoRA, Dettmers et al. 2023), bit-exact with bitsandbytes' storage; LoRA, MixLoRA and MMA sit on it unchanged
   (QLoRA, and the official LaVIN "lite" mode).
+- The routing ablation (`AdapterArgs.router = "none"`, train.py --router none): every MM-Adapter keeps one
+  up-projection and no router, Y = X + s · up0(Z), so both modalities share one path.
 - `AdapterArgs`, `inject_adapters`, `mark_trainable`, `trainable_state_dict`, `load_trainable` (official LaVIN files
   too, their names converted by weights.py): one `method` value picks MMA (default), LoRA, MixLoRA or full fine-tuning.
 
@@ -36,6 +38,7 @@ from router import FactorRouter, Router, default_tau
 from weights import check_state_dict, convert_official_lavin, strip_module_prefix
 
 METHODS = ("mma", "lora", "mixlora", "full")
+ROUTERS = ("modality", "none")  # AdapterArgs.router: the MM-Adapter with its modality router, or the ablation without
 
 
 @dataclass
@@ -46,6 +49,11 @@ class AdapterArgs:
     adapter_scale: float = 1.0
     adapter_dropout: float = 0.1
     tau: float | None = None  # router temperature; None: router.default_tau of the LLaMA width (10 for 7B, 5 for 13B)
+    # modality: the MM-Adapter's two up-projection paths mixed by the soft modality router (paper §3.2). none: the
+    # routing ablation (the paper's ablation table, "+ MM-Adapter" row against the plain adapters below it): one path
+    # for both modalities, Y = X + s · up0(dropout(down(X))), the official RepAdapter (lavin/mm_adapter.py); no second
+    # up-projection, no router, and the modality token, which reaches the loss only through routers, stays frozen.
+    router: str = "modality"
     # LoRA, the LLaVA scaling study's defaults: alpha = 2 * rank, dropout 0.05, every LLM linear but the head
     lora_rank: int = 64
     lora_alpha: float | None = None  # None -> 2 * rank
@@ -62,6 +70,11 @@ class AdapterArgs:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.router == "none" and self.method != "mma":
+            raise ValueError(f"router 'none' is the MM-Adapter's routing ablation: it needs method 'mma', not "
+                             f"{self.method!r}")
         bad = set(self.lora_targets.split(",")) - set(LORA_TARGETS)
         if bad:
             raise ValueError(f"unknown LoRA target(s) {sorted(bad)}; choose among {','.join(LORA_TARGETS)}")
@@ -333,38 +346,46 @@ class GroupedLinear(nn.Module):
 
 
 class MMAdapter(nn.Module):
-    """x (B, T, C), r (B, C) router input -> (B, T, C). 20·C + 10 parameters (paper Table 6: 3.8M for 7B)."""
+    """x (B, T, C), r (B, C) router input -> (B, T, C). 20·C + 10 parameters (paper Table 6: 3.8M for 7B).
+    routed=False is the routing ablation (AdapterArgs.router "none"): up0 alone, r ignored, 13·C + 8 parameters."""
 
     def __init__(self, dim: int, hidden: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1,
-                 tau: float = 10.0):
+                 tau: float = 10.0, routed: bool = True):
         super().__init__()
         self.down = nn.Linear(dim, hidden)  # official conv_A: shared by both paths
         nn.init.xavier_uniform_(self.down.weight)  # official init: Xavier-uniform A, zero bias
         nn.init.zeros_(self.down.bias)
         self.up0 = GroupedLinear(hidden, dim, groups)  # official conv_B
-        self.up1 = GroupedLinear(hidden, dim, groups)  # official conv_D
-        self.router = Router(dim, 2, tau)  # official expert_weights
+        self.up1 = GroupedLinear(hidden, dim, groups) if routed else None  # official conv_D
+        self.router = Router(dim, 2, tau) if routed else None  # official expert_weights
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         dt = self.down.weight.dtype  # fp32 masters; under autocast the matmuls still run in bf16, outside it in fp32
-        w = self.router(r.to(dt)).to(x.dtype)[:, None, :]  # (B, 1, 2): one pair per sample, shared by all its tokens
         z = self.dropout(self.down(x.to(dt)))  # (B, T, h); no non-linearity follows, which is what makes it foldable
+        if self.router is None:  # the ablation: one path, whatever the modality
+            return x + self.scale * self.up0(z).to(x.dtype)
+        w = self.router(r.to(dt)).to(x.dtype)[:, None, :]  # (B, 1, 2): one pair per sample, shared by all its tokens
         delta = w[..., 0:1] * self.up0(z) + w[..., 1:2] * self.up1(z)  # (B, T, C)
         return x + self.scale * delta.to(x.dtype)
 
     @torch.no_grad()
-    def affine(self, w: torch.Tensor):
+    def affine(self, w: torch.Tensor | None):
         """
         In eval mode, for fixed routing w = (w0, w1), the adapter is x -> M x + c with M = I + U A:
         U = s (w0 B̃ + w1 D̃) (C, h), A (h, C), c = U a + s (w0 b_B + w1 b_D). Returns (U, A, c) in fp32.
+        Without a router (w None) the same with w = (1, 0) and no D̃.
         """
-        w0, w1 = w.float().tolist()
+        w0, w1 = (1.0, 0.0) if self.router is None else w.float().tolist()
         s = self.scale
-        U = s * (w0 * self.up0.dense_weight().float() + w1 * self.up1.dense_weight().float())  # (C, h)
+        U = s * w0 * self.up0.dense_weight().float()  # (C, h)
+        c_up = s * w0 * self.up0.bias.float()
+        if self.up1 is not None:
+            U = U + s * w1 * self.up1.dense_weight().float()
+            c_up = c_up + s * w1 * self.up1.bias.float()
         A, a = self.down.weight.float(), self.down.bias.float()  # (h, C), (h,)
-        c = U @ a + s * (w0 * self.up0.bias.float() + w1 * self.up1.bias.float())  # (C,)
+        c = U @ a + c_up  # (C,)
         return U, A, c
 
 
@@ -499,11 +520,11 @@ def inject_adapters(model: nn.Module, args: AdapterArgs):
         for layer in llama.layers:
             with torch.device(layer.attention.wq.weight.device):
                 layer.adapter_attn = MMAdapter(llama.args.dim, args.adapter_dim, 2, args.adapter_scale,
-                                               args.adapter_dropout, tau)
+                                               args.adapter_dropout, tau, args.router == "modality")
         for block in visual.blocks[:visual.args.used_layers]:  # not the blocks whose output LaVIN never reads
             with torch.device(block.attn.in_proj.weight.device):
                 block.adapter_attn = MMAdapter(visual.args.width, args.adapter_dim, 2, args.adapter_scale,
-                                               args.adapter_dropout, tau)
+                                               args.adapter_dropout, tau, args.router == "modality")
     elif args.method in ("lora", "mixlora"):
         for layer in llama.layers:
             for target in args.lora_targets.split(","):
@@ -525,8 +546,9 @@ def is_trainable(name: str, args: AdapterArgs) -> bool:
     """The one rule that says which LaVIN parameters train, by name."""
     if args.method == "mma":
         # The official rule (train.py of luogen1996/LaVIN): trainable iff the name contains "adapter" — the LLaMA and CLIP adapters, the
-        # neck `adapter_proj` and `adapter_modality_embedding`. No bias or norm tuning.
-        return "adapter" in name
+        # neck `adapter_proj` and `adapter_modality_embedding`. No bias or norm tuning. Without routers the modality
+        # token reaches the loss nowhere (it is masked from every other position), so it would get no gradient: frozen.
+        return "adapter" in name and not (args.router == "none" and "modality" in name)
     if args.method in ("lora", "mixlora"):
         # LoRA factors (+ MixLoRA routers, which only learn in the score-weighted mode) and the visual neck, kept from
         # LaVIN for a like-for-like ScienceQA baseline. The modality token has no router to feed

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from adapters import METHODS, AdapterArgs
+from adapters import METHODS, ROUTERS, AdapterArgs
 
 
 # =====================================================================================================================
@@ -237,6 +237,8 @@ ADAPTER_HELP = {
     "method": ("", METHODS),
     "adapter_dim": ("bottleneck width of the MM-Adapter, as the official scripts", None),
     "adapter_scale": ("s of the MM-Adapter, as the official code", None),
+    "router": ("MMA's modality router (paper §3.2), or none: the routing ablation, one adapter path for both "
+               "modalities", ROUTERS),
     "tau": ("router temperature (default: 10 for 7B, 5 for 13B, as the official scripts; router.default_tau)", None),
     "lora_rank": ("", None),
     "lora_alpha": ("LoRA alpha (default: 2 x rank, as LLaVA)", None),

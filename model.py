@@ -384,7 +384,8 @@ class LaVIN(nn.Module):
         cos, sin = llama.rope_cos[:1][None], llama.rope_sin[:1][None]  # (1, 1, D/2): position 0
         weights = []
         for layer in llama.layers:
-            weights.append(layer.adapter_attn.router(layer.attention_norm(x)[:, 0])[0])  # (2,)
+            router = layer.adapter_attn.router  # None in the routing ablation (AdapterArgs.router "none"): no weights
+            weights.append(router(layer.attention_norm(x)[:, 0])[0] if router is not None else None)  # (2,)
             x = layer(x, cos, sin, None)
         return weights
 

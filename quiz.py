@@ -15,6 +15,7 @@ One call gives what a real run passes as flags:
 
 Commands:
     python quiz.py          # generate ./quiz and its tokenizer, print an example and length statistics
+    python quiz.py --mme    # a small MME-format folder, quiz/mme (make_mme), for evaluate.py --benchmark mme
     python train.py         # the quick start, which calls quick_start()
     python -m pytest -q test_all.py -k test_quiz_
 """
@@ -24,6 +25,7 @@ import io
 import json
 import math
 import random
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -376,6 +378,54 @@ def ensure_quiz(out_dir="quiz", **kw) -> Path:
 
 
 # =====================================================================================================================
+# A small MME: the quiz's pictures asked about in MME's release layout and yes/no form (evaluate.py --benchmark mme)
+#
+# MME's perception subtasks existence, count, color and position, each a folder of pictures with a question file of the
+# same stem beside each (the release's first layout), two lines `question<TAB>Yes|No` per picture: one question
+# true of the picture, one false, each ending "Please answer yes or no." as MME's do. Only the quiz's own colours,
+# shapes, places and counts are used, so a model trained on the quiz knows every word; a yes/no question it has never
+# been asked, though, unless it was trained on such questions (README, "MME").
+
+MME_SUFFIX = " Please answer yes or no."
+
+
+def _mme_item(rng, task):
+    """One picture spec and its (true, false) questions for a subtask."""
+    n = rng.randint(1, 4) if task == "count" else 1
+    spec = [(rng.choice(list(COLORS)), rng.choice(SHAPES), q, rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08),
+             rng.uniform(0.6, 0.75)) for q in sorted(rng.sample(range(4), n))]
+    col, shp, q = spec[0][:3]
+    if task == "existence":
+        other = rng.choice([s for s in SHAPES if s != shp])
+        return spec, f"Is there {_a(shp)} in the picture?", f"Is there {_a(other)} in the picture?"
+    if task == "count":
+        other = rng.choice([k for k in range(1, 5) if k != n])
+        ask = ("Is there 1 shape", "Are there 2 shapes", "Are there 3 shapes", "Are there 4 shapes")
+        return spec, f"{ask[n - 1]} in the picture?", f"{ask[other - 1]} in the picture?"
+    if task == "color":
+        other = rng.choice([c for c in COLORS if c != col])
+        return spec, f"Is the {shp} {col}?", f"Is the {shp} {other}?"
+    other = rng.choice([p for p in range(4) if p != q])
+    return spec, f"Is the {col} {shp} at the {PLACES[q]}?", f"Is the {col} {shp} at the {PLACES[other]}?"
+
+
+def make_mme(out_dir, seed=0, n_images=25, image_size=64) -> Path:
+    """Write `n_images` pictures per subtask (existence, count, color, position) with their question files, in MME's
+    release layout: out_dir/<subtask>/<stem>.png beside <stem>.txt. Deterministic for a seed; 2 x n_images questions
+    per subtask, the true one first, as in MME's files."""
+    out = Path(out_dir)
+    for task in ("existence", "count", "color", "position"):
+        rng = random.Random(f"mme-{seed}-{task}")
+        folder = out / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_images):
+            spec, yes, no = _mme_item(rng, task)
+            _draw(spec, image_size).save(folder / f"{i:04d}.png", format="PNG")
+            (folder / f"{i:04d}.txt").write_text(f"{yes}{MME_SUFFIX}\tYes\n{no}{MME_SUFFIX}\tNo\n")
+    return out
+
+
+# =====================================================================================================================
 # The quick start's stand-ins for downloading LLaMA and CLIP
 
 def _pretrain_batches(n: int, batch: int, steps: int, seed: int) -> list[list[int]]:
@@ -503,6 +553,10 @@ def quick_start(root="quiz", fmt="QCM-EA", seed=0) -> tuple[str, str, str, str]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--mme"]:  # python quiz.py --mme [FOLDER]: the small MME folder (default quiz/mme)
+        folder = make_mme(sys.argv[2] if len(sys.argv) > 2 else "quiz/mme")
+        print(f"MME-format folder written to {folder}: python evaluate.py --benchmark mme --data_dir {folder}")
+        sys.exit()
     folder = ensure_quiz()
     tok = Tokenizer(folder / "tokenizer.model")
     records = load_scienceqa(folder, "train")

@@ -124,9 +124,10 @@ def routing_table(model) -> dict[int, list[list[float]]]:
     layer]}, the w of paper §3.2 (luogen1996/LaVIN lavin/mm_adapter.py, RepAdapter_Router). In eval mode (no adapter
     dropout) the router reads only the modality token, which sees only itself, so w is one constant per modality
     (LaVIN.routing_weights). train.py prints the table after training, demo.py shows it beside each answer. `model`
-    is a LaVIN with its MM-Adapters not folded (merge() removes them); other methods have no router: {}.
+    is a LaVIN with its MM-Adapters not folded (merge() removes them); other methods, and the routing ablation
+    (AdapterArgs.router "none"), have no router: {}.
     """
-    if model.adapter_args.method != "mma":
+    if model.adapter_args.method != "mma" or model.adapter_args.router == "none":
         return {}
     was = model.training
     model.eval()

@@ -1076,6 +1076,48 @@ def test_clip_load_clip_reads_transformers_save_pretrained(tmp_path):
         torch.testing.assert_close(ours.encode_image(images), want, rtol=1e-5, atol=1e-5)
 
 
+def test_router_none_builds_and_trains_a_step_with_exact_parameter_count(tiny_setup, tmp_path):
+    """--router none (the routing ablation): each MM-Adapter keeps conv_A and one up-projection, 13C + 8 parameters
+    (the official RepAdapter) instead of 20C + 10, and the modality token, which reaches the loss only through
+    routers, is frozen. Exact counts at 7B shapes and for the test model; one training step moves the adapters."""
+    none = AdapterArgs(router="none")
+    m7 = build_lavin("7B", "ViT-L/14", none, device="meta")
+    # 3,781,296 less, per LLaMA layer (C = 4096) and CLIP block (1024): conv_D (5C) + router (2C + 2); less the
+    # modality embedding (2 x 4096)
+    assert count_params(m7)[0] == 3_781_296 - 32 * (7 * 4096 + 2) - 24 * (7 * 1024 + 2) - 2 * 4096 == 2_683_456
+    assert 32 * (13 * 4096 + 8) + 24 * (13 * 1024 + 8) + 659_584 == 2_683_456  # the same, built up
+    ad = m7.llama.layers[0].adapter_attn
+    assert ad.router is None and ad.up1 is None and not m7.adapter_modality_embedding.weight.requires_grad
+    with pytest.raises(ValueError, match="needs method 'mma'"):
+        AdapterArgs(method="lora", router="none")
+    out = tmp_path / "none"
+    train.main(tiny_setup["flags"] + ["--router", "none", "--out_dir", str(out), "--max_steps", "1",
+                                      "--warmup_epochs", "0"])
+    ck = load_checkpoint(out / "ckpt.pt")
+    # LLaMA width 64, 2 layers; the tiny CLIP's first 4 of 6 blocks (--clip_every 4: later ones never reach the loss)
+    C, W, L, B = 64, VISION_PRESETS["tiny"].width, 2, 4
+    neck = W * 128 + 128 + 128 * C + C
+    assert sum(v.numel() for v in ck["model"].values()) == L * (13 * C + 8) + B * (13 * W + 8) + neck
+    assert ck["config"]["adapter"]["router"] == "none" and not any("router" in k or "up1" in k for k in ck["model"])
+    assert ck["model"]["llama.layers.0.adapter_attn.up0.weight"].abs().sum() > 0  # zero-initialised, moved by 1 step
+
+
+def test_router_none_is_one_path_whatever_the_modality():
+    """Without routers an adapter ignores its router input, and merged equals unmerged for both modalities."""
+    model = tiny_lavin(router="none").eval()
+    ad = model.llama.layers[0].adapter_attn
+    x = torch.randn(2, 5, ad.down.in_features)
+    assert torch.equal(ad(x, torch.randn(2, x.shape[-1])), ad(x, torch.randn(2, x.shape[-1])))
+    tokens, has_image, vis_mask, imgs, _ = make_batch()
+    ref = model(tokens, has_image, vis_mask, imgs)
+    for m in (0, 1):
+        rows = has_image == m
+        model.merge(m)
+        out = model(tokens[rows], has_image[rows], vis_mask[rows], imgs if m else None)
+        model.unmerge()
+        torch.testing.assert_close(out, ref[rows], atol=2e-5, rtol=1e-4)
+
+
 # =====================================================================================================================
 # adapters.py: MM-Adapter, LoRA, MixLoRA, NF4 / QLoRA
 # =====================================================================================================================
@@ -2356,6 +2398,120 @@ def test_evaluate_eval_under_fsdp2(quiz):
     spawn(_fsdp_worker, quiz)
 
 
+def mme_folder(root: Path, files: dict) -> Path:
+    """An MME release folder by hand: {"task/stem": [(question, answer), ...]} -> each subtask in one of the two layouts
+    (artwork, as in the release, in images/ + questions_answers_YN/, .jpg), a 16 x 16 image per question file."""
+    for key, lines in files.items():
+        task, stem = key.split("/")
+        split = task in ("artwork", "celebrity", "landmark", "posters", "scene")
+        qdir = root / task / ("questions_answers_YN" if split else "")
+        idir = root / task / ("images" if split else "")
+        qdir.mkdir(parents=True, exist_ok=True)
+        idir.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(idir / (stem + (".jpg" if split else ".png")))
+        (qdir / f"{stem}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in lines))
+    return root
+
+
+MME_HAND = {  # three subtasks in both layouts; the reply each question gets
+    "existence/e1": [("Is there a dog? Please answer yes or no.", "Yes", "Yes"), ("Is there a cat?", "No", "No.")],
+    "existence/e2": [("Is there a car?", "Yes", "The answer is yes"), ("Is there a bus?", "No", "no")],
+    "artwork/a1": [("Is it by Monet?", "Yes", "Yes, it is"), ("Is it by Goya?", "No", "yes")],
+    "artwork/a2": [("Is it a fresco?", "Yes", "not sure"), ("Is it a print?", "No", "No")],
+    "code_reasoning/c1": [("Does it print 3?", "Yes", "YES"), ("Does it print 4?", "No", "Nope")],
+}
+
+
+def test_evaluate_mme_hand_built_folder_scores_as_calculation_py(tmp_path):
+    """Both release layouts read; known replies give the hand-computed acc, acc+, scores and totals, and the results
+    folder round-trips through calculation.py's layout."""
+    root = mme_folder(tmp_path / "MME", {k: [(q, a) for q, a, _ in v] for k, v in MME_HAND.items()})
+    tasks = evaluate.read_mme(root)
+    assert list(tasks) == ["existence", "artwork", "code_reasoning"]  # MME's order: perception, then cognition
+    assert [q["image_name"] for q in tasks["artwork"]] == ["a1.jpg", "a1.jpg", "a2.jpg", "a2.jpg"]
+    replies = iter(r for k in ("existence/e1", "existence/e2", "artwork/a1", "artwork/a2", "code_reasoning/c1")
+                   for *_, r in MME_HAND[k])
+    results = {t: [(q["image_name"], q["question"], q["answer"], next(replies)) for q in qs] for t, qs in tasks.items()}
+    scores = evaluate.mme_scores(results)
+    per = {t: (v["acc"], v["acc_plus"], v["score"], v["unparsed"]) for t, v in scores["subtasks"].items()}
+    # existence: 3 of 4 right ("The answer is yes" is other), 1 of 2 images both right: 75 + 50
+    # artwork: "Yes, it is" right, "yes" wrong, "not sure" reads as no (its first four characters hold "no"), "No"
+    # right: 2 of 4, no image both right: 50 + 0; code_reasoning: "YES" and "Nope" right: 100 + 100
+    assert per == {"existence": (75.0, 50.0, 125.0, 1), "artwork": (50.0, 0.0, 50.0, 0),
+                   "code_reasoning": (100.0, 100.0, 200.0, 0)}
+    assert (scores["Perception"], scores["Cognition"], scores["unparsed"]) == (175.0, 200.0, 1)
+    assert len(scores["missing"]) == 11 and "OCR" in scores["missing"] and "existence" not in scores["missing"]
+    table = evaluate.format_mme(scores)
+    assert "\nPerception (2 of 10 subtasks)           175.00\nCognition (1 of 4 subtasks)             200.00\n" in table
+    assert "missing subtasks (left out of the totals): count, position" in table and table.endswith(": 1")
+    out = tmp_path / "results"
+    (out / "OCR.txt").parent.mkdir()
+    (out / "OCR.txt").write_text("stale\tfrom\tan\told run\n")  # gone: the folder holds exactly this run
+    evaluate.write_mme_results(out, results)
+    assert sorted(p.name for p in out.iterdir()) == ["artwork.txt", "code_reasoning.txt", "existence.txt"]
+    assert (out / "code_reasoning.txt").read_text() == ("c1.png\tDoes it print 3?\tYes\tYES\n"
+                                                        "c1.png\tDoes it print 4?\tNo\tNope\n")
+    assert evaluate.read_mme_results(out) == results and evaluate.mme_scores(evaluate.read_mme_results(out)) == scores
+    assert evaluate.mme_label("no") == "no" and evaluate.mme_label("Yes") == "yes" and evaluate.mme_label("") == "other"
+
+
+@pytest.mark.parametrize("case, files, message", [
+    ("not MME", {"cats/x": [("q", "Yes"), ("q", "No")]}, r"not MME's release layout: none of its subtask folders"),
+    ("no tab", {"count/x": [("q", "Yes"), ("q No", None)]}, r"count/x\.txt, line 2: expected question<TAB>Yes or No"),
+    ("not yes/no", {"OCR/x": [("q", "Maybe"), ("q", "No")]}, r"OCR/x\.txt, line 1: expected question<TAB>Yes or No"),
+    ("one line", {"scene/x": [("q", "Yes")]}, r"scene/questions_answers_YN/x\.txt: 1 questions; MME asks two"),
+    ("bad image", {"color/x": [("q", "Yes"), ("q", "No")]}, r"color/x\.png: the image of x\.txt will not open"),
+    ("no image", {"color/x": [("q", "Yes"), ("q", "No")]}, r"color/x\.txt: no image x\.png or \.jpg beside it"),
+])
+def test_evaluate_mme_bad_input_is_one_line_naming_file_and_line(tmp_path, case, files, message):
+    root = tmp_path / "MME"
+    mme_folder(root, {"existence/ok": [("q", "Yes"), ("q", "No")], **{k: [] for k in files}})
+    for key, lines in files.items():
+        task, stem = key.split("/")
+        txt = next((root / task).rglob(f"{stem}.txt"))
+        txt.write_text("".join(q + ("" if a is None else f"\t{a}") + "\n" for q, a in lines))
+    if case == "not MME":
+        shutil.rmtree(root / "existence")
+    if case == "bad image":
+        (root / "color" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    if case == "no image":
+        (root / "color" / "x.png").unlink()
+    with pytest.raises(evaluate.UserError, match=message) as e:
+        evaluate.read_mme(root)
+    assert "\n" not in str(e.value)
+
+
+def test_evaluate_mme_prompts_for_either_training(tok):
+    """A ScienceQA-trained model gets its own prompt with options (A) yes (B) no, and its letter is mapped to the
+    option; a chatbot gets the question verbatim in its instruction template, and its reply as it is, on one line."""
+    q = [dict(question="Is the circle red? Please answer yes or no.", image_name="0.png")]
+    sqa, chat = (evaluate.mme_prompts(tok, q, dict(chat=c, prompt_format="QCM-A"), 100, NV)
+                 for c in ("scienceqa", "instruction"))
+    assert tok.decode(sqa[0]).endswith("Options: (A) yes (B) no\nResponse:")
+    assert chat[0] == data.encode_dialogue(tok, [(q[0]["question"], None)], True, 101, n_visual=NV)["tokens"].tolist()
+    assert evaluate.mme_reply("The answer is B.", "scienceqa") == "no"
+    assert evaluate.mme_reply("The answer is B.", "instruction") == "The answer is B."
+    assert evaluate.mme_reply("maybe\tnot\nsure", "scienceqa") == "maybe not sure"
+
+
+def test_evaluate_mme_single_and_two_processes(ckpt, tmp_path):
+    """evaluate.py --benchmark mme on the quiz's MME folder: the table and the results files of two (gloo) ranks, each
+    taking whole batches, are those of one; the table is the one the written files score to."""
+    folder = quizgen.make_mme(tmp_path / "mme", n_images=3)
+    flags = ["evaluate.py", "--benchmark", "mme", "--adapter", str(ckpt), "--data_dir", str(folder),
+             "--batch_size", "5", "--max_new_tokens", "6"]
+    one = run(flags + ["--out", str(tmp_path / "one")])
+    two = run(flags + ["--out", str(tmp_path / "two")], nproc=2)
+    table = lambda out: out[out.index("subtask "):out.index("results written")]  # noqa: E731
+    assert "existence" in table(one) and "Cognition (0 of 4 subtasks)" in table(one) and table(one) == table(two)
+    files = lambda d: {p.name: p.read_text() for p in (tmp_path / d).iterdir()}  # noqa: E731
+    assert files("one") == files("two") and sorted(files("one")) == ["color.txt", "count.txt", "existence.txt",
+                                                                      "position.txt"]
+    scores = evaluate.mme_scores(evaluate.read_mme_results(tmp_path / "one"))
+    assert evaluate.format_mme(scores) + "\n" == table(one)[:len(evaluate.format_mme(scores)) + 1]
+    assert sum(v["questions"] for v in scores["subtasks"].values()) == 24
+
+
 # =====================================================================================================================
 # quiz.py: the generated quiz and the quick start
 # =====================================================================================================================
@@ -2477,6 +2633,32 @@ def test_quiz_pretrain_llama_standin_resumes_bit_exact(tmp_path, quiz, tok, monk
     a, b = (torch.load(d / "consolidated.00.pth", weights_only=True) for d in (whole, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "params.json").read_text() == (out / "params.json").read_text()
+
+
+def test_quiz_mme_folder_is_mme_layout_with_one_true_one_false_question(tmp_path, tok):
+    """quiz.make_mme: MME's perception subtasks existence, count, color and position in the release's first layout,
+    two questions per picture (Yes first, then No) about what was drawn, deterministic, every word known to the quiz
+    tokenizer (no unknown pieces)."""
+    a, b = quizgen.make_mme(tmp_path / "a", n_images=4), quizgen.make_mme(tmp_path / "b", n_images=4)
+    tasks = evaluate.read_mme(a)
+    assert list(tasks) == ["existence", "count", "position", "color"] and all(len(v) == 8 for v in tasks.values())
+    for qs in tasks.values():
+        assert [q["answer"] for q in qs] == ["Yes", "No"] * 4
+        assert all(q["question"].endswith("? Please answer yes or no.") for q in qs)
+        assert all(x["question"] != y["question"] for x, y in zip(qs[::2], qs[1::2]))
+    unk = tok.sp.unk_id()
+    assert all(unk not in tok.encode(q["question"], bos=False, eos=False) for qs in tasks.values() for q in qs)
+    assert {p.relative_to(a): p.read_bytes() for p in a.rglob("*.*")} == {p.relative_to(b): p.read_bytes()
+                                                                          for p in b.rglob("*.*")}
+    for i in range(4):  # the Yes question is true of the picture, the No question false
+        img = np.asarray(Image.open(a / "count" / f"{i:04d}.png"))  # (64, 64, 3), one shape per occupied quadrant
+        n = sum(bool((img[r:r + 32, c:c + 32] != 255).any()) for r in (0, 32) for c in (0, 32))
+        yes, no = (q["question"] for q in tasks["count"][2 * i:2 * i + 2])
+        assert yes.startswith("Is there 1 shape" if n == 1 else f"Are there {n} shapes") and f" {n} " not in no
+        drawn = {tuple(px) for px in np.asarray(Image.open(a / "color" / f"{i:04d}.png")).reshape(-1, 3).tolist()}
+        colour = next(c for c, rgb in quizgen.COLORS.items() if rgb in drawn)
+        yes, no = (q["question"] for q in tasks["color"][2 * i:2 * i + 2])
+        assert yes.endswith(f" {colour}? Please answer yes or no.") and f" {colour}?" not in no
 
 
 # =====================================================================================================================

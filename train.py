@@ -259,7 +259,8 @@ def build(args, device, master: bool):
         trainable, total = count_params(model)
         tau = args.tau if args.tau is not None else default_tau(model.llama.args.dim)
         print(f"method {args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
-              + (f"; router temperature {tau:g}" if args.method == "mma" else ""))
+              + (f"; router temperature {tau:g}" if args.method == "mma" and args.router == "modality" else "")
+              + ("; no modality router (--router none)" if args.method == "mma" and args.router == "none" else ""))
         if train_set.n_truncated:
             print(f"note: {train_set.n_truncated} samples exceed max_seq_len {args.max_seq_len} and were truncated "
                   f"(answer tail first; see data.encode_example)")
