@@ -128,8 +128,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        # q, k and v as one product over their stacked weights (gpt-fast's wqkv), set only while evaluate.generate runs
-        # on CPU (evaluate.packed_linears, which stacks and packs them once and keeps them). Only there: stacking in
+        # q, k and v as one product over their stacked weights (gpt-fast's wqkv), set only while generate.generate runs
+        # on CPU (generate.packed_linears, which stacks and packs them once and keeps them). Only there: stacking in
         # every forward would copy the weights each time (at decode, reading them three times instead of once), and in
         # training the stacked products measured no faster on CPU (README, Benchmark).
         self.wqkv: nn.Module | None = None
@@ -202,7 +202,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.grad_ckpt = False  # activation checkpointing of every block (train.py --grad_ckpt)
-        self.packed: dict = {}  # CPU generation's prepacked weights, kept between calls (evaluate.packed_linears)
+        self.packed: dict = {}  # CPU generation's prepacked weights, kept between calls (generate.packed_linears)
         self.init_rope()
 
     def init_rope(self, device=None):
