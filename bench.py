@@ -126,7 +126,7 @@ def get_args(argv=None):
 # The FLOP model: count the matmul weights each token passes through, by what backward does there
 
 def _linear_cost(lin, grad_in: bool) -> float:
-    """FLOPs per token through one (possibly LoRA-wrapped) linear: 2, 4 or 6 per weight (the docstring's rule)."""
+    """FLOPs per token through one (possibly LoRA-wrapped) linear: 2, 4 or 6 per weight (module docstring)."""
     w = lin.weight  # a tensor, or an NF4Weight (--quant nf4): a frozen module (no requires_grad) with a .shape
     cost = (2 + 2 * grad_in + 2 * getattr(w, "requires_grad", False)) * w.shape.numel()
     if isinstance(lin, MixLoRALinear):
@@ -139,17 +139,17 @@ def _linear_cost(lin, grad_in: bool) -> float:
 
 
 def flop_model(model) -> dict:
-    """Per-token and per-image FLOP coefficients of one training step, from the model's modules (the docstring's rule:
+    """Per-token and per-image FLOP coefficients of one training step, from the model's modules (the module docstring:
     gradients pass through every LLaMA block, and through CLIP only if something in it trains)."""
     llama, vis = model.llama, model.visual
     # An MM-Adapter per token: its three projections train; its router (one vector a sample) and biases are ignored.
-    mma = lambda ad: 0.0 if ad is None else 6 * sum(m.weight.numel() for m in (ad.down, ad.up0, ad.up1))
+    adapter_cost = lambda ad: 0.0 if ad is None else 6 * sum(m.weight.numel() for m in (ad.down, ad.up0, ad.up1))
     linears = [lin for layer in llama.layers for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
                layer.attention.wo, layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3)]
     linears.append(llama.output)  # the head is on the loss path; the input embedding is a lookup and not counted
     n_frozen = sum(lin.weight.shape.numel() for lin in linears if not getattr(lin.weight, "requires_grad", False))
     llama_mm = sum(_linear_cost(lin, grad_in=True) for lin in linears)  # exact FLOPs per token, LoRA factors included
-    llama_mm += sum(mma(layer.adapter_attn) for layer in llama.layers)
+    llama_mm += sum(adapter_cost(layer.adapter_attn) for layer in llama.layers)
     # Frozen weights cost exactly 4 each above, so the rest is 6 x the trainable weights a token touches: all of them
     # in full fine-tuning, the LoRA factors, MixLoRA's r chosen factors, or the MM-Adapters' projections.
     n_trainable = (llama_mm - 4 * n_frozen) / 6
@@ -157,7 +157,7 @@ def flop_model(model) -> dict:
     a = vis.args
     t_vis = (a.image_size // a.patch_size) ** 2 + 1
     vis_grad = any(p.requires_grad for p in vis.parameters())  # LoRA / MixLoRA: CLIP runs under no_grad (model.embed)
-    per_tok = sum(_linear_cost(lin, vis_grad) + mma(b.adapter_attn)
+    per_tok = sum(_linear_cost(lin, vis_grad) + adapter_cost(b.adapter_attn)
                   for b in vis.blocks for lin in (b.attn.in_proj, b.attn.out_proj, b.mlp.c_fc, b.mlp.c_proj))
     attn = (12 if vis_grad else 4) * a.layers * a.width * t_vis  # QK^T and AV: 4 L d T forward, twice that backward
     patch = _linear_cost(vis.conv1, grad_in=False) * (t_vis - 1)  # the patch conv is a matmul; pixels need no gradient
@@ -488,7 +488,7 @@ def print_extrapolation(result: dict, args, rows: list[dict]):
     if args.model == "tiny":
         print("  (the tiny model: how long *this* toy would take; run --model 7B on a GPU for LaVIN-7B)")
     paper = PAPER.get(args.model)
-    hours = lambda s: "-" if s is None or not math.isfinite(s) else f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s"
+    hours = lambda s: "-" if s is None or not math.isfinite(s) else (f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s")
     regimes = {"scienceqa": "real lengths, pad to batch max", "pad512": "padded to 512 (official)"}
     table(["method", "lengths", "FLOPs", "est. time", "floor @peak", "paper"],
           [[r["label"], regimes[seq] + ("*" if seq == args.seq else ""), si(e["flops"]), hours(e["seconds"]),
