@@ -7,10 +7,9 @@ and leaving a 15 MB checkpoint; LaVIN-13B trains 5.4M (5,390,080) in 2 h, 55.9 G
 and then as one JSON object (also written to --json PATH):
 
   1. trainable parameters and checkpoint size by method at the real 7B/13B shapes (meta device: no weights, no memory);
-  2. a measured training step per method (forward, backward, AdamW): step time, tokens/s, samples/s, peak memory, and
-     achieved FLOP/s and MFU with the FLOP count they rest on;
-  3. the wall time that step extrapolates to for ScienceQA (12,726 samples x epochs on --gpus such devices), beside the
-     paper's hours and the floor set by the device's peak; and what the paper's hours imply about its utilisation;
+  2. a measured training step per method (forward, backward, AdamW): time, tokens/s, peak memory, FLOP/s and MFU;
+  3. the ScienceQA training time it extrapolates to on --gpus such devices, beside the paper's hours and the floor at
+     the device's peak; and the utilisation the paper's hours imply;
   4. generation throughput with the KV cache, adapters merged into the weights against unmerged;
   5. a 4-bit NF4 base (QLoRA, LaVIN-lite): exact frozen bytes at 7B/13B and, with --quant nf4, its step beside.
 
@@ -22,11 +21,9 @@ and then as one JSON object (also written to --json PATH):
     python bench.py --compare --threads 1                # instead: ours against the real transformers + peft
     python bench.py --load_memory                        # instead: host memory of loading a sharded HF checkpoint
 
-No checkpoint is needed: step time does not depend on the weights' values, so 7B/13B are built on the meta device,
-materialised on the GPU with `to_empty` and filled with random numbers. FLOPs and MFU with a frozen base: nanoGPT's 6N
-per token assumes every weight trains (2N forward, 2N input gradients, 2N weight gradients). A frozen weight that
-gradients must pass through (every LLaMA weight here: adapters and neck sit at its input) costs 4N; one with nothing
-trainable below it (CLIP under LoRA, run under no_grad) costs 2N. So per LLaMA token
+FLOPs and MFU with a frozen base: nanoGPT's 6N per token assumes every weight trains (2N forward, 2N input gradients,
+2N weight gradients). A frozen weight that gradients pass through (every LLaMA weight: adapters and neck sit at its
+input) costs 4N; one with nothing trainable below it (CLIP under LoRA, run under no_grad) costs 2N. Per LLaMA token
 
     F(T) = 4 N_frozen + 6 N_trainable + 12 L d T            (T: the padded sequence length the kernels really process)
 
@@ -42,13 +39,12 @@ import gc
 import json
 import math
 import multiprocessing
+import re
 import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +56,7 @@ from adapters import (LORA_TARGETS, METHODS, AdapterArgs, LoRALinear, MixLoRALin
 from clip_vit import VISION_PRESETS, VisionTransformer
 from data import LLAMA_PREFIX_IDS, SCIENCEQA_TRAIN_LENGTH_PERCENTILES, collate, sequence_head
 from cli import UserError, check_flags, cli, default_device, default_dtype
-from generate import generate
+from generate import generate, inference_context
 from model import IGNORE, LLAMA_PRESETS, LaVIN, build_lavin, count_params, load_llama
 from weights import hf_to_meta_name, save_safetensors, unpermute
 
@@ -79,11 +75,9 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A1
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See bench.py's docstring for the FLOP model.")
-    p.add_argument("--model", default="tiny", choices=list(LLAMA_PRESETS),
-                   help="LLaMA shapes of the measured step (default tiny; 7B/13B: random weights, need a GPU)")
+    p.add_argument("--model", default="tiny", choices=list(LLAMA_PRESETS), help="LLaMA shapes (7B/13B need a GPU)")
     p.add_argument("--vision", choices=list(VISION_PRESETS), help="CLIP tower (default: tiny for tiny, else ViT-L/14)")
-    p.add_argument("--methods", help="comma list of " + ",".join(METHODS) + " (default: all four on CPU, where the "
-                   "tiny model makes them cheap; mma on a GPU, where each 7B build takes a while)")
+    p.add_argument("--methods", help="comma list of " + ",".join(METHODS) + " (default: all on CPU, mma on a GPU)")
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank of the measured lora row (default 64, LLaVA's)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per device per step (default 4, the official)")
     p.add_argument("--seq", default="scienceqa", choices=["scienceqa", "pad512"], help="lengths: ScienceQA's, padded "
@@ -95,14 +89,12 @@ def get_args(argv=None):
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: looked up for A100/H100/H200 bf16)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="frozen weights and autocast dtype (default: bf16 on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
-    p.add_argument("--quant", choices=["nf4"], help="also measure every adapter method on a 4-bit NF4 base (QLoRA, "
-                   "LaVIN-lite), beside the --dtype base")
+    p.add_argument("--quant", choices=["nf4"], help="also measure each adapter method on a 4-bit NF4 base (QLoRA)")
     p.add_argument("--gen_tokens", type=int, default=16, help="new tokens per prompt in part 4 (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default on CPU: 1; the tiny model gains little "
                    "from more, and on a shared machine threads waiting for busy cores make steps up to 10x slower)")
     p.add_argument("--json", help="also write the JSON result to this path")
-    p.add_argument("--load_memory", action="store_true", help="instead: the peak host memory of loading a random "
-                   "~1 GB sharded Hugging Face checkpoint, against one copy of its weights (Linux)")
+    p.add_argument("--load_memory", action="store_true", help="instead: peak host memory of loading a sharded HF LLaMA")
     p.add_argument("--compare", action="store_true", help="instead: ours against transformers + peft (see compare)")
     p.add_argument("--seed", type=int, default=0, help="seeds the batch, the weights and the prompts (default 0)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LAVIN_DEBUG=1)")
@@ -119,7 +111,8 @@ def get_args(argv=None):
         raise UserError(f"--model {args.model} needs a GPU: its frozen weights alone are "
                         f"{'13' if args.model == '7B' else '26'} GB in bf16 (on CPU use --model tiny)")
     args.vision = args.vision or ("tiny" if args.model == "tiny" else "ViT-L/14")
-    methods = args.methods or (",".join(METHODS) if args.device.type == "cpu" else "mma")  # see --help
+    # The tiny model makes all four cheap; on a GPU each 7B build takes a while.
+    methods = args.methods or (",".join(METHODS) if args.device.type == "cpu" else "mma")
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
@@ -133,10 +126,9 @@ def get_args(argv=None):
 # The FLOP model: count the matmul weights each token passes through, by what backward does there
 
 def _linear_cost(lin, grad_in: bool) -> float:
-    """FLOPs per token through one (possibly LoRA-wrapped) linear: 2 per weight forward, 2 more if gradients must
-    pass to its input, 2 more if the weight itself trains. LoRA factors train: 6 per factor weight."""
-    w = lin.weight  # a tensor, or an NF4Weight (--quant nf4), a frozen module that answers .shape like one
-    cost = (2 + 2 * grad_in + 2 * _trains(w)) * w.shape.numel()
+    """FLOPs per token through one (possibly LoRA-wrapped) linear: 2, 4 or 6 per weight (module docstring)."""
+    w = lin.weight  # a tensor, or an NF4Weight (--quant nf4): a frozen module (no requires_grad) with a .shape
+    cost = (2 + 2 * grad_in + 2 * getattr(w, "requires_grad", False)) * w.shape.numel()
     if isinstance(lin, MixLoRALinear):
         # Only the r chosen rank-1 factors of the pool of E touch a token: r (d_in + d_out) weights, not E (...).
         # The routers run once per sequence on the pooled input, so their cost is ignored (< 0.1% at 7B).
@@ -146,31 +138,18 @@ def _linear_cost(lin, grad_in: bool) -> float:
     return cost
 
 
-def _trains(w) -> bool:
-    return isinstance(w, torch.Tensor) and w.requires_grad
-
-
-def _adapter_cost(adapter) -> float:
-    """An MM-Adapter per token: the down-projection and both grouped up-projections, all trainable. Its router reads
-    one vector per sample (the modality token or CLS), so it is left out, as are all biases and norms."""
-    if adapter is None:
-        return 0.0
-    return 6 * (adapter.down.weight.numel() + adapter.up0.weight.numel() + adapter.up1.weight.numel())
-
-
 def flop_model(model) -> dict:
-    """
-    Per-token and per-image FLOP coefficients of one training step, from the model's modules (so every method and
-    size is counted by the same rule). LLaMA: gradients always flow through every block, because the visual neck (and
-    in MMA the block-0 adapter and the modality token) train at its input. CLIP: only if something in it trains.
-    """
+    """Per-token and per-image FLOP coefficients of one training step, from the model's modules (the module docstring:
+    gradients pass through every LLaMA block, and through CLIP only if something in it trains)."""
     llama, vis = model.llama, model.visual
+    # An MM-Adapter per token: its three projections train; its router (one vector a sample) and biases are ignored.
+    adapter_cost = lambda ad: 0.0 if ad is None else 6 * sum(m.weight.numel() for m in (ad.down, ad.up0, ad.up1))
     linears = [lin for layer in llama.layers for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
                layer.attention.wo, layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3)]
     linears.append(llama.output)  # the head is on the loss path; the input embedding is a lookup and not counted
-    n_frozen = sum(lin.weight.shape.numel() for lin in linears if not _trains(lin.weight))
+    n_frozen = sum(lin.weight.shape.numel() for lin in linears if not getattr(lin.weight, "requires_grad", False))
     llama_mm = sum(_linear_cost(lin, grad_in=True) for lin in linears)  # exact FLOPs per token, LoRA factors included
-    llama_mm += sum(_adapter_cost(layer.adapter_attn) for layer in llama.layers)
+    llama_mm += sum(adapter_cost(layer.adapter_attn) for layer in llama.layers)
     # Frozen weights cost exactly 4 each above, so the rest is 6 x the trainable weights a token touches: all of them
     # in full fine-tuning, the LoRA factors, MixLoRA's r chosen factors, or the MM-Adapters' projections.
     n_trainable = (llama_mm - 4 * n_frozen) / 6
@@ -178,7 +157,7 @@ def flop_model(model) -> dict:
     a = vis.args
     t_vis = (a.image_size // a.patch_size) ** 2 + 1
     vis_grad = any(p.requires_grad for p in vis.parameters())  # LoRA / MixLoRA: CLIP runs under no_grad (model.embed)
-    per_tok = sum(_linear_cost(lin, vis_grad) + _adapter_cost(b.adapter_attn)
+    per_tok = sum(_linear_cost(lin, vis_grad) + adapter_cost(b.adapter_attn)
                   for b in vis.blocks for lin in (b.attn.in_proj, b.attn.out_proj, b.mlp.c_fc, b.mlp.c_proj))
     attn = (12 if vis_grad else 4) * a.layers * a.width * t_vis  # QK^T and AV: 4 L d T forward, twice that backward
     patch = _linear_cost(vis.conv1, grad_in=False) * (t_vis - 1)  # the patch conv is a matmul; pixels need no gradient
@@ -194,8 +173,7 @@ def flops_per_token(fm: dict, T) -> float:
 
 
 def batch_flops(fm: dict, batch_len, batch_size: int, n_images) -> float:
-    """One step: batch_size rows all padded to batch_len (the kernels do not skip pads), plus one CLIP pass per image.
-    Works elementwise on numpy arrays of batch lengths too."""
+    """One step: batch_size rows padded to batch_len (also numpy arrays of them), plus one CLIP pass per image."""
     return batch_size * batch_len * flops_per_token(fm, batch_len) + n_images * fm["vision_per_image"]
 
 
@@ -225,25 +203,32 @@ def param_table(sizes=("7B", "13B")) -> list[dict]:
     return rows
 
 
+def print_params(result: dict):
+    print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
+    table(["model", "method", "trainable", "share", "ckpt (fp32)", "paper"],
+          [[r["model"], r["method"], f"{r['trainable']:,}", f"{r['share_%']:.3f}%", f"{r['ckpt_MB']:.1f} MB",
+            f"{r['paper']:,}" if r["paper"] else "-"] for r in result["params"]], left=2)
+    exact = all(r["trainable"] == r["paper"] for r in result["params"] if r["paper"])
+    paper = "; ".join(f"{size}: {c['trainable'] / 1e6:.1f}M params, {c['ckpt_mb']} MB checkpoint"
+                      for size, c in PAPER.items())
+    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if exact else 'NO'}. Paper (Table 6): {paper}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Synthetic ScienceQA-shaped batches
+# Parts 2-4: ScienceQA-shaped batches, building, timing, one row per method, and what the paper's hours imply
 
 def sample_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
     """n training-sequence lengths (modality token + BOS ... EOS) drawn from data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES by
-    inverse-CDF sampling, linear between the tabulated percentiles (so the samples follow the tabulated CDF);
-    truncated at 512 like the official loader."""
+    inverse-CDF sampling, linear between the tabulated percentiles; truncated at 512 like the official loader."""
     pct = sorted(SCIENCEQA_TRAIN_LENGTH_PERCENTILES)  # 0, 5, ..., 100
     lens = np.interp(rng.uniform(0, 100, n), pct, [SCIENCEQA_TRAIN_LENGTH_PERCENTILES[k] for k in pct])  # (n,)
     return np.minimum(np.round(lens), MAX_SEQ_LEN).astype(int)
 
 
 def make_batch(lengths, pad_to, vocab: int, image_size: int, n_visual: int, device, gen: torch.Generator) -> dict:
-    """
-    A data.collate batch of random token ids: row b has lengths[b] positions counting the modality token the model
-    prepends, and starts with data.sequence_head (LLaMA's prefix shape); even rows carry an image and its n_visual
-    placeholders (48.9% of ScienceQA does). The last quarter of a row is labelled (the answer and EOS). pad_to: pad
-    every row to that length (the official loader) instead of to the longest.
-    """
+    """A data.collate batch of random token ids: row b has lengths[b] positions counting the modality token, and starts
+    with data.sequence_head (LLaMA's prefix shape); even rows carry an image and its n_visual placeholders (48.9% of
+    ScienceQA does). The last quarter of a row is labelled (answer and EOS). pad_to: every row's length, as official."""
     # Token values do not change the cost of a step, only the shapes do: random ids keep 7B/13B free of any file.
     samples = []
     for b, n in enumerate(lengths):
@@ -254,17 +239,13 @@ def make_batch(lengths, pad_to, vocab: int, image_size: int, n_visual: int, devi
         labels, vis_mask = torch.full_like(row, IGNORE), torch.zeros(len(row), dtype=torch.bool)
         ans = max(1, len(row) // 4)  # about a QCM-ALE answer (lecture + solution); the loss covers it and EOS
         labels[-ans:] = row[-ans:]
-        if img:  # the placeholders, which model.embed fills with the neck's visual tokens
-            vis_mask[len(head) - n_visual:len(head)] = True
+        vis_mask[len(head) - n_visual:len(head)] = img  # image rows: the placeholders model.embed fills
         samples.append(dict(tokens=row, labels=labels, vis_mask=vis_mask, has_image=img, pid=str(b),
                             image=torch.randn(3, image_size, image_size, generator=gen) if img else None))
     batch = collate(samples)  # (B, T - 1) tokens, labels and vis_mask; (N_img, 3, S, S) images
-    del batch["pids"]
-    if pad_to:
-        extra = pad_to - 1 - batch["tokens"].shape[1]
-        for key, value in (("tokens", 0), ("labels", IGNORE), ("vis_mask", False)):
-            batch[key] = F.pad(batch[key], (0, extra), value=value)
-    return {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+    for key, value in (("tokens", 0), ("labels", IGNORE), ("vis_mask", False)) if pad_to else ():
+        batch[key] = F.pad(batch[key], (0, pad_to - 1 - batch[key].shape[1]), value=value)
+    return {k: (v.to(device) if v is not None else None) for k, v in batch.items() if k != "pids"}
 
 
 def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: int) -> tuple[float, float]:
@@ -280,13 +261,10 @@ def training_set_flops(fm: dict, seq: str, batch_size: int, epochs: int, seed: i
     return epochs * total, epochs * float(batch_size * batch_len.sum())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Building, timing
-
 def build(size: str, vision: str, method: str, lora_rank: int, device, dtype, seed: int, quant=None):
-    """A LaVIN with random weights, built as a 7B must be: on the meta device (free), cast there, materialised on
-    `device` with to_empty and filled in place. Frozen weights take `dtype` (bf16 on GPU); trainable ones stay fp32
-    masters under autocast, except full fine-tuning, whose fp32 masters + AdamW state at 7B (~112 GB) fit no GPU."""
+    """A LaVIN with random weights (step time does not depend on their values), built as a 7B must be: on the meta
+    device, cast there, materialised with to_empty and filled in place. Frozen weights take `dtype`; trainable ones
+    stay fp32 masters under autocast, except in full FT, whose fp32 masters + AdamW state at 7B (~112 GB) fit no GPU."""
     model = build_lavin(size, vision, AdapterArgs(method=method, lora_rank=lora_rank), device="meta").to(dtype)
     for p in model.parameters():
         if p.requires_grad and method != "full":
@@ -320,29 +298,25 @@ def timed(fn, device, runs: int = 1) -> list[float]:
     return times
 
 
-def peak_memory_gb(device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "GiB allocated (CUDA)"
-    # CPU: the process's peak resident set, which cannot be reset, so it only grows from row to row. Linux reports KiB.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return rss / 2**30, "GiB process peak RSS so far (CPU)"
+def optimizer_step(loss: torch.Tensor, opt):  # the tail of every training step timed here, ours and theirs
+    loss.backward()  # outside autocast, as recommended: backward ops reuse the forward's dtypes
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # frees the gradients between steps, as train.py does
 
 
-def measure_train(model, batch: dict, args, amp) -> list[float]:
+def measure_train(model, batch: dict, args) -> list[float]:
     """Seconds per training step (forward + backward + AdamW), warmup steps dropped."""
     model.train()  # adapter dropout on, as in training
     # The official recipe's optimizer (AdamW, betas 0.9/0.95); the fused CUDA kernel is lighter on memory for full FT.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                             weight_decay=0.02, fused=args.device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model  # generation keeps the plain one (shapes change)
-    losses = []
+    amp, losses = inference_context(model), []  # bf16 frozen weights and fp32 adapters mix under autocast
 
     def step():
         with amp:
             loss = step_model(**batch)  # forward + the cross-entropy on labelled positions (model.LaVIN.forward)
-        loss.backward()  # outside autocast, as recommended: backward ops reuse the forward's dtypes
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # frees the gradients between steps, as train.py does
+        optimizer_step(loss, opt)
         losses.append(loss.detach())
 
     times = timed(step, args.device, args.warmup + args.steps)[args.warmup:]
@@ -351,21 +325,20 @@ def measure_train(model, batch: dict, args, amp) -> list[float]:
     return times
 
 
-def measure_generate(model, args, amp, merge: bool) -> dict:
+def measure_generate(model, args, merge: bool) -> dict:
     """Greedy batched generation of --gen_tokens per image prompt (a merged model serves one modality) with the KV
     cache: tokens/s of the whole call, decode tokens/s after the first token, prefill time, and the tokens."""
     model.eval()
-    vocab, S = model.llama.args.vocab_size, model.visual.args.image_size
+    B, vocab, S = args.batch_size, model.llama.args.vocab_size, model.visual.args.image_size
     gen = torch.Generator().manual_seed(args.seed + 1)
     prefix = torch.randint(3, vocab, (len(LLAMA_PREFIX_IDS[True]),), generator=gen).tolist()  # LLaMA's prefix shape
     head = sequence_head(1, prefix, model.visual.args.n_tokens)  # data.encode_prompt's layout; equal lengths: no pads
-    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist()
-               for _ in range(args.batch_size)]
-    images = torch.randn(args.batch_size, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
+    prompts = [head + torch.randint(3, vocab, (GEN_PROMPT_LEN,), generator=gen).tolist() for _ in range(B)]
+    images = torch.randn(B, 3, S, S, generator=gen).to(args.device)  # (B, 3, S, S)
+    amp, stamps, out = inference_context(model), [], []  # stamps per run: its start, the ends of prefill and each step
     if merge:
         with amp:  # bf16 frozen weights + fp32 adapters: merge's router pass needs autocast like any forward
             model.merge(1)
-    stamps, out = [], []  # per run: its start, then the end of prefill and of every decode step
 
     def on_token(_):
         sync(args.device)
@@ -374,27 +347,24 @@ def measure_generate(model, args, amp, merge: bool) -> dict:
     def run():
         stamps.append([time.perf_counter()])
         with amp:  # eos_id -1 never occurs, so every row produces exactly gen_tokens tokens
-            out[:] = generate(model, prompts, [True] * args.batch_size, images, max_new_tokens=args.gen_tokens,
-                              eos_id=-1, on_token=on_token)
-    try:
-        total = statistics.median(timed(run, args.device, 3)[1:])  # the first run is a warm-up
-    finally:
-        model.unmerge()
-    prefill, decode = (statistics.median(f(r) for r in stamps[1:]) for f in (lambda r: r[1] - r[0],
-                                                                             lambda r: r[-1] - r[1]))
-    # Each decode step reads every LLaMA weight once (the embedding is a lookup of B rows): weight bytes per second
-    # is the roofline that matters for decode, whose arithmetic intensity is only about B FLOPs per byte.
+            out[:] = generate(model, prompts, [True] * B, images, max_new_tokens=args.gen_tokens, eos_id=-1,
+                              on_token=on_token)
+    total = statistics.median(timed(run, args.device, 3)[1:])  # the first run is a warm-up
+    model.unmerge()
+    prefill = statistics.median(r[1] - r[0] for r in stamps[1:])
+    decode = statistics.median(r[-1] - r[1] for r in stamps[1:])
+    # Each decode step reads every LLaMA weight once (the embedding: a lookup of B rows), at only ~B FLOPs per byte.
     w_bytes = sum(p.nbytes for n, p in model.llama.named_parameters() if "tok_emb" not in n) + sum(
         w.nbytes for w in model.llama.modules() if isinstance(w, NF4Weight))  # a 4-bit base's packed weights
     steps_s = (args.gen_tokens - 1) / decode if decode > 0 else float("nan")
-    return {"tok_s": args.batch_size * args.gen_tokens / total, "decode_tok_s": args.batch_size * steps_s,
+    return {"tok_s": B * args.gen_tokens / total, "decode_tok_s": B * steps_s,
             "prefill_ms": 1e3 * prefill, "bandwidth_GBs": w_bytes * steps_s / 1e9, "tokens": out}
 
 
-def dequantize_ms(model, dtype) -> float:
-    """Median time to dequantize every 4-bit weight once: what each forward, and again each backward, spends first."""
+def dequantize_ms(model) -> float:
+    """Median time to dequantize every 4-bit weight once (to --dtype): what each forward, and each backward, does."""
     weights = [m for m in model.modules() if isinstance(m, NF4Weight)]
-    return 1e3 * statistics.median(timed(lambda: [w.dequantize(dtype) for w in weights], weights[0].packed.device, 3))
+    return 1e3 * statistics.median(timed(lambda: [w.dequantize() for w in weights], weights[0].device, 3))
 
 
 def device_peak(args) -> tuple[float | None, str]:
@@ -415,66 +385,58 @@ def si(x: float | None, unit: str = "") -> str:
     """1.23e12 -> '1.23 T' + unit."""
     if x is None or not math.isfinite(x):
         return "-"
-    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}".rstrip()
-
-
-def hours(s: float | None) -> str:
-    return "-" if s is None or not math.isfinite(s) else (f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s")
+    prefixes = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+    scale, prefix = next(((s, p) for s, p in prefixes if abs(x) >= s), (1, ""))
+    return f"{x / scale:.3g} {prefix}{unit}".rstrip()
 
 
 def table(header: list[str], rows: list[list], left: int = 1):
-    """Print rows under header in columns as wide as their widest cell: the first `left` columns (labels) flush left,
-    the numbers flush right."""
+    """Print rows under header in columns as wide as their widest cell: the first `left` (labels) flush left."""
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         print(" ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Parts 2-4 per method, and what the paper's hours imply
-
-def bench_method(method: str, quant, args, amp, dtype, batch: dict, useful_tokens: int, peak) -> dict:
+def bench_method(method: str, quant, args, batch: dict, useful_tokens: int, peak) -> dict:
     """Build one method's model (on a 4-bit base if quant), time its training step and its generation: one row."""
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = build(args.model, args.vision, method, args.lora_rank, args.device, dtype, args.seed, quant)
     fm, (trainable, total) = flop_model(model), count_params(model)
     B, T = batch["tokens"].shape[0], batch["tokens"].shape[1] + 1  # T counts the modality token
     n_img = 0 if batch["images"] is None else batch["images"].shape[0]
     step_flops = batch_flops(fm, T, B, n_img)  # the work the step must do; the achieved rate divides this by time
-    times = measure_train(model, batch, args, amp)
+    times = measure_train(model, batch, args)
     t = statistics.median(times)  # the median shrugs off a step that a neighbour process or a GC pause slowed
-    mem, mem_kind = peak_memory_gb(args.device)
+    if args.device.type == "cuda":
+        mem, mem_kind = torch.cuda.max_memory_allocated(args.device) / 2**30, "GiB allocated (CUDA)"
+    else:  # the process's peak resident set, which cannot be reset, so it only grows from row to row. Linux: KiB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        mem, mem_kind = rss / 2**30, "GiB process peak RSS so far (CPU)"
     label = method_label(model.adapter_args) + ("/NF4" if quant else "")
     row = {"method": method, "quant": quant, "label": label, "trainable": trainable,
            "total": total, "step_ms": 1e3 * t, "step_ms_all": [1e3 * x for x in times], "tokens_s": B * T / t,
            "useful_tokens_s": useful_tokens / t, "samples_s": B / t, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
            "frozen_gb": sum(x.nbytes for x in [*model.parameters(), *model.buffers()] if not x.requires_grad) / 1e9,
-           "dequant_ms": dequantize_ms(model, dtype) if quant else None, "flops_per_token": flops_per_token(fm, T),
+           "dequant_ms": dequantize_ms(model) if quant else None, "flops_per_token": flops_per_token(fm, T),
            "flops_per_image": fm["vision_per_image"], "flops_per_step": step_flops, "flops_per_sample": step_flops / B,
            "achieved_flops_s": step_flops / t, "mfu": step_flops / t / peak if peak else None, "flop_model": fm}
-    # Part 3: est. time = total FLOPs / (achieved FLOP/s x N), i.e. the measured step scaled by the FLOP ratio of the
-    # whole run to the measured batch; floor = total FLOPs / (peak x N), what 100% MFU would take.
+    # Part 3: est. time = the run's FLOPs / (achieved FLOP/s x N); floor = its FLOPs / (peak x N), i.e. at 100% MFU.
     row["extrapolation"] = {}
     for seq in ("scienceqa", "pad512"):
         flops, toks = training_set_flops(fm, seq, args.batch_size, args.epochs, args.seed)
         row["extrapolation"][seq] = {"flops": flops, "tokens": toks, "seconds": flops / (step_flops / t * args.gpus),
                                      "floor_seconds": flops / (args.gpus * peak) if peak else None}
     # Part 4: generation, unmerged and (where the updates are static) merged into the weights.
-    runs = {"unmerged": measure_generate(model, args, amp, merge=False),
-            "merged": measure_generate(model, args, amp, merge=True) if method in ("mma", "lora") else None}
+    runs = {"unmerged": measure_generate(model, args, merge=False),
+            "merged": measure_generate(model, args, merge=True) if method in ("mma", "lora") else None}
     gen = row["generation"] = {k: v and {x: y for x, y in v.items() if x != "tokens"} for k, v in runs.items()}
-    gen["agree"] = gen["match"] = None
-    if runs["merged"]:
-        # Merging is exact in real arithmetic; in bf16 the folded weights round differently, and random weights give
-        # nearly tied logits, so greedy paths can part after a few tokens. The share of equal tokens shows how far.
-        pairs = [(x, y) for rm, ru in zip(runs["merged"]["tokens"], runs["unmerged"]["tokens"]) for x, y in zip(rm, ru)]
-        gen["agree"] = runs["merged"]["tokens"] == runs["unmerged"]["tokens"]
-        gen["match"] = sum(x == y for x, y in pairs) / len(pairs)
+    # Merging is exact in real arithmetic, but bf16 folds round differently and random weights give nearly tied logits.
+    m, u = runs["merged"] and runs["merged"]["tokens"], runs["unmerged"]["tokens"]
+    same = [x == y for rm, ru in zip(m or [], u) for x, y in zip(rm, ru)]  # token by token
+    gen["agree"], gen["match"] = (m == u, sum(same) / len(same)) if m else (None, None)
     return row
 
 
@@ -497,21 +459,18 @@ def print_train(result: dict, args, rows: list[dict], T: int):
     print(f"\n== 2. Training step: LaVIN-{args.model} + {args.vision} on {result['device']}, {args.dtype}, batch "
           f"{args.batch_size} x {T} tokens (row lengths {result['batch']['lengths']}, --seq {args.seq}), "
           f"{result['batch']['images']} images; median of {args.steps} steps after {args.warmup} warm-up ==")
-    # step: median per optimizer step; tok/s: B x T / step, pads included (the kernels compute them); useful: without
-    # pads; FLOP/step: B T F(T) + CLIP per image; FLOP/s: the achieved rate; MFU: FLOP/s / device peak.
+    # step: the median; tok/s: B x T / step, pads included; FLOP/step: B T F(T) + CLIP per image; MFU: FLOP/s / peak
     cells = [[r["label"], f"{r['trainable']:,}", f"{r['step_ms']:.1f}", f"{r['tokens_s']:.0f}",
               f"{r['useful_tokens_s']:.0f}", f"{r['samples_s']:.2f}", f"{r['peak_mem_gb']:.2f}",
               si(r["flops_per_token"]), si(r["flops_per_step"]), si(r["achieved_flops_s"]),
-              "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
-             for r in rows]
+              "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"] for r in rows]
     table(["method", "trainable", "step ms", "tok/s", "useful", "smp/s", "peak GiB", "FLOP/tok", "FLOP/step", "FLOP/s",
            "MFU"], cells)
     print("".join(f"{r['method']}{'/NF4' if r['quant'] else ''}: {r['error']}\n" for r in result["train"]
                   if "error" in r), end="")
     if rows:
         print(f"  tok/s counts pads (the kernels compute them), useful does not. Peak: {rows[0]['peak_mem_kind']}")
-    if args.model in PAPER:
-        c = PAPER[args.model]
+    if c := PAPER.get(args.model):
         print(f"  Paper: {c['mem_gb']} GB peak for LaVIN-{args.model} MMA ({c['gpus']}x {c['gpu']}, 4 per GPU, fp16)")
     print(f"  FLOPs per token at T={T}: 4 N_frozen + 6 N_trainable + 12 L d T (MixLoRA: its r chosen factors), plus "
           f"CLIP and the neck per image:")
@@ -529,6 +488,7 @@ def print_extrapolation(result: dict, args, rows: list[dict]):
     if args.model == "tiny":
         print("  (the tiny model: how long *this* toy would take; run --model 7B on a GPU for LaVIN-7B)")
     paper = PAPER.get(args.model)
+    hours = lambda s: "-" if s is None or not math.isfinite(s) else (f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s")
     regimes = {"scienceqa": "real lengths, pad to batch max", "pad512": "padded to 512 (official)"}
     table(["method", "lengths", "FLOPs", "est. time", "floor @peak", "paper"],
           [[r["label"], regimes[seq] + ("*" if seq == args.seq else ""), si(e["flops"]), hours(e["seconds"]),
@@ -543,15 +503,13 @@ def print_extrapolation(result: dict, args, rows: list[dict]):
 def print_generation(args, rows: list[dict]):
     print(f"\n== 4. Generation: {args.batch_size} image prompts of {GEN_PROMPT_LEN} tokens after the head, "
           f"{args.gen_tokens} new tokens each, greedy, KV cache, median of 2 runs after 1 warm-up ==")
-    cells = []
+    cells, cols = [], (("tok_s", ".1f"), ("decode_tok_s", ".0f"), ("prefill_ms", ".1f"))
     for r in rows:
         g = r["generation"]
-        u, m = g["unmerged"], g["merged"] or {}  # merged is None where nothing can be folded
-        num = lambda d, key, spec: format(d[key], spec) if key in d else "n/a"
+        u, m = g["unmerged"], g["merged"]  # merged is None where nothing can be folded
         same = "n/a" if g["agree"] is None else "yes" if g["agree"] else f"{100 * g['match']:.0f}% equal"
-        cells.append([r["label"], num(u, "tok_s", ".1f"), num(m, "tok_s", ".1f"), num(u, "decode_tok_s", ".0f"),
-                      num(m, "decode_tok_s", ".0f"), num(u, "prefill_ms", ".1f"), num(m, "prefill_ms", ".1f"),
-                      num(u, "bandwidth_GBs", ".2f"), same])
+        cells.append([r["label"], *(format(d[k], f) if d else "n/a" for k, f in cols for d in (u, m)),
+                      f"{u['bandwidth_GBs']:.2f}", same])
     table(["method", "tok/s u", "m", "decode tok/s u", "m", "prefill ms u", "m", "weights GB/s u", "same tokens"],
           cells)
     print("  u: unmerged adapters; m: merged (MMA folds its LLaMA-side adapters into q/k/v for the image modality, "
@@ -563,14 +521,9 @@ def print_generation(args, rows: list[dict]):
 # ---------------------------------------------------------------------------------------------------------------------
 # Part 5, a 4-bit base (QLoRA, LaVIN-lite): the frozen bytes at the real shapes, and its measured step beside
 
-NF4_ANCHORS = ("LaVIN-7B-lite trains in 9 GB and LaVIN-13B-lite in 14-15 GB on one GPU (official README); torchtune's "
-               "Llama-2-7B QLoRA peaks at 9.29 GB against 15.57 GB for LoRA")
-
-
 def frozen_bytes(size: str) -> dict:
     """Exact bytes of LaVIN-{size}'s frozen weights (meta device): the LLaMA block linears, which --quant nf4 stores in
-    4 bits, at fp32, bf16, NF4 and NF4 with double quantization, and the rest of the frozen base (embeddings, norms,
-    head, CLIP ViT-L/14), which stays in the compute dtype, in bf16."""
+    4 bits, in fp32, bf16, NF4 and NF4+DQ; the rest (embeddings, norms, head, CLIP), left in the compute dtype: bf16."""
     model = build_lavin(size, "ViT-L/14", device="meta")
     shapes = [getattr(getattr(layer, p), a).weight.shape for layer in model.llama.layers
               for p, a in (t.split(".") for t in LORA_TARGETS.values())]
@@ -587,7 +540,9 @@ def print_nf4(result: dict, args):
           [[r["model"], gb(r["fp32"]), gb(r["bf16"]), gb(r["nf4"]), gb(r["nf4_dq"]),
             f"{16 * r['nf4_dq'] / r['bf16']:.3f}", gb(r["rest_bf16"]), gb(r["nf4_dq"] + r["rest_bf16"])]
            for r in result["nf4_bytes"]])
-    print(f"  anchors: {NF4_ANCHORS}. Their totals add activations, adapters and optimizer state to the base.")
+    print("  anchors: LaVIN-7B-lite trains in 9 GB and LaVIN-13B-lite in 14-15 GB on one GPU (official README); "
+          "torchtune's Llama-2-7B QLoRA peaks at 9.29 GB against 15.57 GB for LoRA. Their totals add activations, "
+          "adapters and optimizer state to the base.")
     pairs = [(r, q) for r in result["train"] for q in result["train"] if "error" not in r and "error" not in q
              and r["method"] == q["method"] and r["quant"] is None and q["quant"]]
     if not pairs:
@@ -605,14 +560,11 @@ def print_nf4(result: dict, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Side by side with what users would otherwise pick (--compare): the real transformers LlamaForCausalLM with a peft
-# LoRA, imported only here (neither is a dependency of the project). Their model is built first, with its own random
-# init, and written by its own save_pretrained; ours loads that folder through model.load_llama, and the LoRA factors
-# are copied over, so both hold the same weights. One process, the same threads, interleaved turns.
+# --compare: side by side with the real transformers LlamaForCausalLM and a peft LoRA (imported only here, neither is a
+# dependency), holding the same weights as ours (compare_pair); one process, the same threads, interleaved turns.
 
-# Two shapes of the same blocks: at the first the 32,000-word head is 39% of the matmul weights, so computing it only
-# where a label is (model.LaVIN.forward) dominates the training gain; at the second (vocab 2,000) it is 4%, about
-# LLaMA-7B's 2%, so what remains is the blocks themselves.
+# Two shapes of the same blocks: at vocab 32,000 the head is 39% of the matmul weights, so computing it only where a
+# label is (model.LaVIN.forward) dominates the training gain; at 2,000 it is 4% (LLaMA-7B: 2%), leaving the blocks.
 COMPARE_SHAPES = {f"vocab {v}": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                                       intermediate_size=1408, vocab_size=v) for v in (32000, 2000)}
 COMPARE_LORA = AdapterArgs(method="lora", lora_rank=8)  # alpha 16, dropout 0.05, all seven linears, as peft's below
@@ -643,9 +595,8 @@ def compare_pair(cfg: dict, folder: str, seed: int):
 
 
 def peft_twin(name: str, args) -> tuple:
-    """A peft LoRA factor's name -> (our LLaMA's name for it, the map of its values to ours): ...layers.0.self_attn.
-    q_proj.lora_B.default.weight -> layers.0.attention.wq.lora_B, whose rows are q's outputs, which HF's layout
-    permutes (load_llama's unpermute). For weights and gradients alike."""
+    """A peft factor's name -> (our name for it, the map of its values to ours, for weights and gradients alike):
+    ...layers.0.self_attn.q_proj.lora_B.default.weight -> layers.0.attention.wq.lora_B, unpermuted like load_llama."""
     stem, factor = name.removeprefix("base_model.model.").split(".lora_")
     meta = hf_to_meta_name(stem + ".weight").removesuffix(".weight")
     heads = {"wq": args.n_heads, "wk": args.n_kv_heads or args.n_heads}.get(meta.split(".")[-1])
@@ -666,9 +617,9 @@ def race(ours, theirs, args) -> dict:
     return {"ours_ms": 1e3 * o, "theirs_ms": 1e3 * r, "ratio": o / r, "ratio_min": min(pair), "ratio_max": max(pair)}
 
 
-def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, dict]:
+def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> dict:
     """The LoRA training step with labels on every position and on the answer only, then greedy generation of the
-    merged models at batch 1 and 8: {row: race result + agreement}, and what their side ran with."""
+    merged models at batch 1 and 8: {"rows": {row: race result + agreement}, and what their side ran with}."""
     with tempfile.TemporaryDirectory() as folder:
         ours, theirs = compare_pair(cfg, folder, args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -676,28 +627,20 @@ def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, 
                                       torch.randint(3, cfg["vocab_size"], (n, t - 1), generator=g)], 1)
     B, T = batch
     ids = bos_and(B, T)
-    # transformers shifts: nothing predicts the first token (ours would, from the modality token); the answer is the
-    # last quarter, as make_batch
-    every, answer = ids.clone(), ids.masked_fill(torch.arange(T) < 3 * T // 4, IGNORE)
-    every[:, 0] = IGNORE
+    # transformers shifts: nothing predicts the first token (ours would, from the modality token); answer: last quarter
+    every, answer = (ids.masked_fill(torch.arange(T) < k, IGNORE) for k in (1, 3 * T // 4))
     text = torch.zeros(B, dtype=torch.long)
     # lr 0: AdamW does all its work, but the weights stay equal (each side draws its own dropout masks, so their
     # gradients differ), and the losses and tokens compared afterwards still come from the same weights.
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (ours, theirs)]
-
-    def step(loss, opt):
-        loss().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     rows = {}
     for name, labels in (("train, every label", every), ("train, answer only", answer)):
         ours.eval(), theirs.eval()
         with torch.no_grad():  # same weights, same loss: dropout off
             gap = abs(ours(ids, text, labels=labels).item() - theirs(input_ids=ids, labels=labels).loss.item())
         ours.train(), theirs.train()
-        rows[name] = race(lambda: step(lambda: ours(ids, text, labels=labels), opts[0]),
-                          lambda: step(lambda: theirs(input_ids=ids, labels=labels).loss, opts[1]), args)
+        rows[name] = race(lambda: optimizer_step(ours(ids, text, labels=labels), opts[0]),
+                          lambda: optimizer_step(theirs(input_ids=ids, labels=labels).loss, opts[1]), args)
         rows[name]["same"] = f"loss gap {gap:.0e}"
     ours.eval()
     ours.merge(0)  # generation serves merged models: ours as sample.py does, theirs by peft's merge_and_unload
@@ -708,15 +651,12 @@ def compare_shape(cfg: dict, args, batch, prompt: int, new: int) -> tuple[dict, 
             mine = lambda: generate(ours, p.tolist(), [False] * b, None, max_new_tokens=new, eos_id=-1)
             their = lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new, do_sample=False,
                                         return_dict_in_generate=True)
-            rows[f"generate, batch {b}"] = race(mine, their, args)
             out = their()
-            same = mine() == out.sequences[:, prompt:].tolist()
-            rows[f"generate, batch {b}"]["same"] = "same tokens" if same else "TOKENS DIFFER"
-    side = {"attention": hf.config._attn_implementation, "cache": type(out.past_key_values).__name__}
-    head = ours.llama.output.weight.numel()
-    side["head_%"] = 100 * head / (head + sum(p.numel() for n, p in ours.llama.layers.named_parameters()
-                                              if p.dim() == 2 and not p.requires_grad))
-    return rows, side
+            same = "same tokens" if mine() == out.sequences[:, prompt:].tolist() else "TOKENS DIFFER"
+            rows[f"generate, batch {b}"] = race(mine, their, args) | {"same": same}
+    head = ours.llama.output.weight.numel() / flop_model(ours)["n_frozen"]  # n_frozen: the block linears and the head
+    return {"rows": rows, "attention": hf.config._attn_implementation, "cache": type(out.past_key_values).__name__,
+            "head_%": 100 * head}
 
 
 def compare(args, shapes=COMPARE_SHAPES, batch=(4, 256), prompt=32, new=128) -> dict:
@@ -730,10 +670,8 @@ def compare(args, shapes=COMPARE_SHAPES, batch=(4, 256), prompt=32, new=128) -> 
     transformers.logging.set_verbosity_error()  # their generate's notes on absent generation settings
     transformers.logging.disable_progress_bar()  # and save_pretrained's
     result = {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "shapes": {}}
-    for name, cfg in shapes.items():
-        rows, side = compare_shape(cfg, args, batch, prompt, new)
-        result["shapes"][name] = {"rows": rows, **side}
+              "threads": torch.get_num_threads(),
+              "shapes": {name: compare_shape(cfg, args, batch, prompt, new) for name, cfg in shapes.items()}}
     first = next(iter(result["shapes"].values()))
     print(f"== Ours vs transformers {result['transformers']} LlamaForCausalLM + peft {result['peft']} LoRA "
           f"(attention {first['attention']}, generate's cache {first['cache']}), torch {torch.__version__}, "
@@ -751,41 +689,30 @@ def compare(args, shapes=COMPARE_SHAPES, batch=(4, 256), prompt=32, new=128) -> 
 # ---------------------------------------------------------------------------------------------------------------------
 # Peak host memory of loading a Hugging Face checkpoint: python bench.py --load_memory (on its own; Linux)
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:  # fields: size, resident, ... in pages
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _rss(field: str = "VmRSS") -> int:
+    """Resident memory now (VmRSS) or its peak (VmHWM), in bytes (Linux)."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _measure_load(folder: str, dtype) -> dict:
-    """In a fresh process, so that nothing of the writing lingers in its memory: load, read every weight once (as a
-    real run does: every page becomes resident), and sample the resident memory every millisecond meanwhile."""
+    """In a fresh process, so that nothing of the writing lingers in its memory: load, then read every weight once (as
+    a real run does: every page becomes resident); the peak is the kernel's high-water mark of resident memory."""
     gc.collect()
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss() - base)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    t0 = time.perf_counter()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the resident memory now (Linux >= 4.0)
+    base, t0 = _rss(), time.perf_counter()
     model = load_llama(folder, dtype=dtype)
     after_load, seconds = _rss() - base, time.perf_counter() - t0
     sum(float(p.sum()) for p in model.parameters())  # reads every page of every weight, without a copy
-    done.set()
-    sampler.join()
-    weights = sum(p.nbytes for p in model.parameters())
+    peak, weights = _rss("VmHWM") - base, sum(p.nbytes for p in model.parameters())
     return {"dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "weights_GB": weights / 1e9,
-            "load_s": seconds, "rss_after_load_GB": after_load / 1e9, "peak_rss_GB": peak[0] / 1e9,
-            "peak_over_one_copy": peak[0] / weights}
+            "load_s": seconds, "rss_after_load_GB": after_load / 1e9, "peak_rss_GB": peak / 1e9,
+            "peak_over_one_copy": peak / weights}
 
 
 def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[dict]:
     """Write a random LLaMA (0.54B parameters, 1.08 GB in bf16: TinyLlama's widths with multi-head attention, so that
-    q and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded Hugging Face
-    folder; load it keeping bf16 and converting to fp32, each in a fresh process; report the peak growth of resident
-    memory against one copy of the loaded weights."""
+    q and k, which load_llama must permute and so copy, are as large a share as in LLaMA-7B) as a sharded HF folder;
+    load it to bf16 and to fp32, each in a fresh process: the peak growth of resident memory against one copy."""
     shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
     for p in (f"model.layers.{i}." for i in range(n_layers)):
         shapes |= {p + f"self_attn.{x}_proj.weight": (dim, dim) for x in "qkvo"} | {
@@ -818,22 +745,6 @@ def load_memory(dim=2048, n_layers=8, ffn=5632, vocab=32000, shards=4) -> list[d
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 
-def measure_rows(args, amp, dtype, batch: dict, useful_tokens: int, peak) -> list[dict]:
-    """Parts 2-4 for each method, and with --quant nf4 for each adapter method again on a 4-bit base (full fine-tuning
-    cannot train one). A method that runs out of memory is reported as such, and the others go on."""
-    rows = []
-    for quant in [None, "nf4"] if args.quant else [None]:
-        for method in [m for m in args.methods if not (quant and m == "full")]:
-            try:
-                rows.append(bench_method(method, quant, args, amp, dtype, batch, useful_tokens, peak))
-            except torch.cuda.OutOfMemoryError as e:  # e.g. full fine-tuning of 13B on one 80 GB GPU
-                rows.append({"method": method, "quant": quant, "error": f"out of memory: {str(e).splitlines()[0]}"})
-            gc.collect()  # the failed or finished model goes before the next is built
-            if args.device.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
-
-
 def main(argv=None) -> dict:
     args = get_args(argv)
     if args.load_memory:
@@ -843,26 +754,14 @@ def main(argv=None) -> dict:
     if args.compare:
         return compare(args)
     torch.manual_seed(args.seed)  # the adapters' dropout masks
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    # bf16 autocast runs the fp32 adapters' matmuls in bf16 alongside the bf16 frozen weights; fp32 needs nothing.
-    amp = torch.autocast(args.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     peak, peak_src = device_peak(args)
     dev_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
     print(f"device: {dev_name} ({args.dtype}, CPU threads: {torch.get_num_threads()}); peak: {si(peak, 'FLOP/s')} "
           f"[{peak_src}]; torch {torch.__version__}")
     result = {"device": dev_name, "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src,
               "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}}
-
-    print("\n== 1. Trainable parameters and checkpoint size (real 7B/13B shapes, meta device) ==")
     result["params"] = param_table()
-    table(["model", "method", "trainable", "share", "ckpt (fp32)", "paper"],
-          [[r["model"], r["method"], f"{r['trainable']:,}", f"{r['share_%']:.3f}%", f"{r['ckpt_MB']:.1f} MB",
-            f"{r['paper']:,}" if r["paper"] else "-"] for r in result["params"]], left=2)
-    exact = {r["model"]: r["trainable"] == r["paper"] for r in result["params"] if r["paper"]}
-    print(f"MMA counts equal the exact 3,781,296 / 5,390,080: {'yes' if all(exact.values()) else 'NO'}. Paper "
-          f"(Table 6): " + "; ".join(f"{s}: {c['trainable'] / 1e6:.1f}M params, {c['ckpt_mb']} MB checkpoint"
-                                     for s, c in PAPER.items()))
-
+    print_params(result)
     # Parts 2-4: the same batch for every method, drawn once from ScienceQA's lengths
     lengths = sample_lengths(args.batch_size, np.random.default_rng(args.seed))  # (B,) real lengths, <= 512
     vis = VISION_PRESETS[args.vision]
@@ -870,7 +769,16 @@ def main(argv=None) -> dict:
                        vis.image_size, vis.n_tokens, args.device, torch.Generator().manual_seed(args.seed))
     T = batch["tokens"].shape[1] + 1  # counts the modality token
     result["batch"] = {"lengths": lengths.tolist(), "padded_to": T, "images": int(batch["has_image"].sum())}
-    result["train"] = measure_rows(args, amp, dtype, batch, int(lengths.sum()), peak)
+    result["train"] = []  # with --quant nf4 each adapter method again on a 4-bit base (full FT cannot train one)
+    for quant in [None, "nf4"] if args.quant else [None]:
+        for method in [m for m in args.methods if not (quant and m == "full")]:
+            try:
+                result["train"].append(bench_method(method, quant, args, batch, int(lengths.sum()), peak))
+            except torch.cuda.OutOfMemoryError as e:  # e.g. full fine-tuning of 13B on one 80 GB GPU: the others go on
+                error = f"out of memory: {str(e).splitlines()[0]}"
+                result["train"].append({"method": method, "quant": quant, "error": error})
+            gc.collect()  # the failed or finished model goes before the next is built
+            torch.cuda.empty_cache()  # a no-op without CUDA
     result["paper_check"] = paper_check(args.seed)  # analytic: 7B/13B on the paper's 8 A100s, whatever this device
     sqa = sample_lengths(SQA_TRAIN, np.random.default_rng(args.seed))  # (N,) the simulated training set
     result["length_summary"] = {"median": float(np.median(sqa)), "p90": float(np.percentile(sqa, 90)),

@@ -515,6 +515,61 @@ def main(argv=None):
             raise
 
 
+def batch_geometry(args, n_samples: int, world: int) -> tuple[int, int, int, int]:
+    """A fixed global batch whatever the number of ranks (check_args saw it divide) -> (accumulation, steps per epoch,
+    steps in all, the step to stop at)."""
+    accum = args.batch_size // (args.micro_batch * world)
+    steps_per_epoch = n_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch_size {args.batch_size}: more than the {n_samples} training samples")
+    total = steps_per_epoch * args.epochs
+    return accum, steps_per_epoch, total, total if args.max_steps is None else min(total, args.max_steps)
+
+
+def epoch_loader(train_set, epoch: int, step: int, steps_per_epoch: int, accum: int, args, rank: int, world: int):
+    """This rank's micro-batches of the epoch, from the one `step` starts with."""
+    batches = epoch_batches(train_set.lengths, epoch, args, rank, world)
+    # Its own generator, so that creating the loader (which draws worker seeds) leaves the global RNG, and
+    # hence the dropout masks, exactly where an uninterrupted run has them: resuming is then bit-exact.
+    return torch.utils.data.DataLoader(train_set, batch_sampler=batches[(step % steps_per_epoch) * accum:],
+                                       collate_fn=data.collate, num_workers=args.workers,
+                                       generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+def log_step(bar, log, step: int, steps_per_epoch: int, loss: float, lr: float, tok_s: float):
+    """Rank 0: the progress bar and one log.jsonl line per step."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr, "tok_per_s": tok_s,
+                          "time": time.time()}) + "\n")
+    log.flush()
+
+
+def save_or_stop(raw: LaVIN, opt, step: int, epoch_end: int, args, world: int, master: bool, device, bar,
+                 last_good) -> str:
+    """Save every save_every steps, at the epoch's end and on a stop signal, which then ends the run; -> last save."""
+    signum = stop_signal(STOPS.got, device)
+    if (args.save_every and step % args.save_every == 0) or step == epoch_end or signum:
+        last_good = save(raw, opt, step, args, world, master)
+    if signum:
+        bar.close()
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step}, saved")
+    return last_good
+
+
+def finish(raw: LaVIN, tok, train_set, args, rank: int, world: int, log):
+    """After the last step: the routing weights, the final evaluation, and the skipped samples' note."""
+    if rank == 0 and not args.fsdp:  # under FSDP2 the layers are shards that only a forward on every rank can gather
+        print(show_routing(raw))
+    if not args.no_eval and not args.instruction_json:  # after the last epoch, or after --max_steps
+        evaluate_split(raw, tok, args, rank, world)
+    if log:
+        log.close()
+    if rank == 0 and train_set.skipped:
+        print(skipped_note(train_set))
+    teardown_distributed()
+
+
 def train(args):
     rank, _, world, device = setup_distributed()
     master = rank == 0
@@ -525,14 +580,7 @@ def train(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed + rank)
     raw, tok, train_set = build(args, device, master)
-
-    # Batch geometry: a fixed global batch whatever the number of ranks (check_args saw it divide).
-    accum = args.batch_size // (args.micro_batch * world)
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch_size {args.batch_size}: more than the {len(train_set)} training samples")
-    total_steps = steps_per_epoch * args.epochs
-    stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    accum, steps_per_epoch, total_steps, stop = batch_geometry(args, len(train_set), world)
 
     model = wrap_model(raw, args, device, world)
     # The optimizer is created after sharding and before any forward, on trainable parameters only.
@@ -554,13 +602,7 @@ def train(args):
     with STOPS.deferred():  # a signal from here on ends the step it arrives in; then a save, and the stop
         while step < stop:
             epoch = step // steps_per_epoch
-            batches = epoch_batches(train_set.lengths, epoch, args, rank, world)
-            # Its own generator, so that creating the loader (which draws worker seeds) leaves the global RNG, and
-            # hence the dropout masks, exactly where an uninterrupted run has them: resuming is then bit-exact.
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[(step % steps_per_epoch) * accum:],
-                                                 collate_fn=data.collate, num_workers=args.workers,
-                                                 generator=torch.Generator().manual_seed(args.seed + epoch))
-            it = iter(loader)
+            it = iter(epoch_loader(train_set, epoch, step, steps_per_epoch, accum, args, rank, world))
             epoch_end = min(stop, (epoch + 1) * steps_per_epoch)
             while step < epoch_end:
                 t0 = time.time()
@@ -573,31 +615,14 @@ def train(args):
                 train_loss = all_sum(float(loss), device)  # the step's one host sync for logging, after the update
                 tok_s = all_sum(sum(b["tokens"].numel() for b in micro), device) / (time.time() - t0)
                 if master:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": train_loss,
-                                          "lr": lr, "tok_per_s": tok_s, "time": time.time()}) + "\n")
-                    log.flush()
-                signum = stop_signal(STOPS.got, device)
-                if (args.save_every and step % args.save_every == 0) or step == epoch_end or signum:
-                    last_good = save(raw, opt, step, args, world, master)  # every save_every steps, epoch end, stop
-                if signum:
-                    bar.close()
-                    raise Stopped(signum, f"stopped by {signal.Signals(signum).name} after step {step}, saved")
+                    log_step(bar, log, step, steps_per_epoch, train_loss, lr, tok_s)
+                last_good = save_or_stop(raw, opt, step, epoch_end, args, world, master, device, bar, last_good)
             if step % steps_per_epoch == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0 \
                     and not args.no_eval:
                 evaluate_split(raw, tok, args, rank, world)
                 model.train()
     bar.close()
-    if master and not args.fsdp:  # under FSDP2 the layers are shards that only a forward on every rank can gather
-        print(show_routing(raw))
-    if not args.no_eval and not args.instruction_json:  # after the last epoch, or after --max_steps
-        evaluate_split(raw, tok, args, rank, world)
-    if log:
-        log.close()
-    if master and train_set.skipped:
-        print(skipped_note(train_set))
-    teardown_distributed()
+    finish(raw, tok, train_set, args, rank, world, log)
     return raw
 
 
