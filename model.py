@@ -385,7 +385,9 @@ class LaVIN(nn.Module):
         weights = []
         for layer in llama.layers:
             router = layer.adapter_attn.router  # None in the routing ablation (AdapterArgs.router "none"): no weights
-            weights.append(router(layer.attention_norm(x)[:, 0])[0] if router is not None else None)  # (2,)
+            # the router reads in its own (fp32) dtype, as MMAdapter.forward feeds it, whatever the base's dtype (bf16)
+            r = layer.attention_norm(x)[:, 0]  # (1, C)
+            weights.append(router(r.to(router.proj.weight.dtype))[0] if router is not None else None)  # (2,)
             x = layer(x, cos, sin, None)
         return weights
 

@@ -1161,6 +1161,24 @@ def test_adapters_merged_equals_unmerged(method):
         torch.testing.assert_close(model(tokens, has_image, vis_mask, images), ref, rtol=0, atol=0)  # exact restore
 
 
+@pytest.mark.parametrize("method", ["mma", "lora"])
+def test_adapters_merge_on_a_bf16_base(method):
+    """On GPU the frozen base is bf16 (load_lavin's dtype) while the adapters keep fp32 masters: merging reads the
+    routers in their own dtype, folds into bf16 weights, and gives the unmerged logits to bf16 rounding."""
+    model = tiny_lavin(method).eval()
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)  # as load_lavin(dtype=torch.bfloat16) leaves the backbones
+    tokens, has_image = make_batch()[0][:2], torch.zeros(2, dtype=torch.long)  # two text-only rows
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(tokens, has_image)
+        model.merge(0)
+        got = model(tokens, has_image)
+    assert model.llama.layers[0].attention.wq.weight.dtype == torch.bfloat16 and model.merged_modality == 0
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    assert (got - ref).abs().mean() < 0.01 * ref.abs().mean()
+
+
 @pytest.mark.parametrize("mode,router_grad", [("weighted", True), ("hard", False)])
 def test_adapters_mixlora_router_gradients(mode, router_grad):
     model = tiny_lavin("mixlora", mix_mode=mode).train()
