@@ -1,16 +1,16 @@
 """
-What every script shares: the one-line report of user errors (`cli`), the checks of flags, the distributed set-up
-and tear-down, stopping on Ctrl-C or SIGTERM, the one device and dtype default, and the flag groups more than one
-script takes: the model and generation flags of sample.py and evaluate.py, and the adapter flags of train.py, derived
-from adapters.AdapterArgs so that each default is written once (Luo et al., NeurIPS 2023, §4.2 for the adapter
-settings; the official LaVIN train.py and eval.py for what the flags do).
+What every script shares: the one-line report of user errors (`cli`), the checks of flags, the distributed set-up and
+tear-down, stopping on Ctrl-C or SIGTERM, the one device and dtype default, and the flag groups more than one script
+takes: the model and generation flags of sample.py, evaluate.py and demo.py, and the adapter flags of train.py,
+derived from adapters.AdapterArgs so that each default is written once (Luo et al., NeurIPS 2023, §4.2 for the
+adapter settings; the official LaVIN train.py and eval.py for what the flags do).
 
     python train.py --epochs 0          # error: --epochs 0: must be >= 1   (one line, exit status 1)
     python train.py ... --debug         # the same mistake with its traceback (also LAVIN_DEBUG=1)
     kill -TERM <pid of train.py>        # finishes the step, saves it, prints the resume command, exit status 143
 
-The layer between the networks and the scripts: it imports adapters and data, and train.py, sample.py, evaluate.py
-and bench.py import it.
+The layer between the networks and the scripts: it imports adapters and data, and generate.py, evaluate.py and every
+script (train.py, sample.py, bench.py, demo.py) import it.
 
 Tests: `python -m pytest -q test_all.py -k test_cli_` (and the one-line errors of every script: `-k test_robust_`).
 """
@@ -67,9 +67,10 @@ def cli(main):
 
 
 def check_flags(args, rules):
-    """rules: (flag, allowed(value) -> bool, what is allowed). A flag at None (optional, not given) passes."""
+    """rules: (flag, allowed(value) -> bool, what is allowed). A flag at None (optional, not given) passes, and so
+    does one the script does not take (sample.py, evaluate.py and demo.py share their rules, not every flag)."""
     for flag, ok, allowed in rules:
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None and not ok(value):
             raise UserError(f"--{flag} {value}: must be {allowed}")
 

@@ -478,7 +478,6 @@ def get_args(argv=None):
     g.add_argument("--port", type=int, default=8000, help="0: any free port")
     g.add_argument("--data_dir", help="the quiz or ScienceQA root whose test split gives the page's examples "
                                       "(default: what the checkpoint records)")
-    p.set_defaults(batch_size=None, limit=None)  # evaluation flags that evaluate.check_inference_args reads
     return p.parse_args(argv)
 
 
