@@ -392,9 +392,9 @@ class MMAdapter(nn.Module):
 @torch.no_grad()
 def fold_mma_into_qkv(attention: nn.Module, adapter: MMAdapter, w: torch.Tensor) -> dict:
     """
-    Re-parameterisation (README, difference 6): q = W_q (M x + c) = (W_q + (W_q U) A) x + W_q c, likewise k and v. Replaces
-    attention.wq/wk/wv with biased linears (the bias is added before RoPE, exactly where the adapter output entered)
-    and returns the original modules so the caller can restore them bit-exactly.
+    Re-parameterisation (README, difference 6): q = W_q (M x + c) = (W_q + (W_q U) A) x + W_q c, likewise k and v.
+    Replaces attention.wq/wk/wv with biased linears (the bias is added before RoPE, exactly where the adapter output
+    entered) and returns the original modules so the caller can restore them bit-exactly.
     """
     U, A, c = adapter.affine(w)
     originals = {}
@@ -545,9 +545,10 @@ def inject_adapters(model: nn.Module, args: AdapterArgs):
 def is_trainable(name: str, args: AdapterArgs) -> bool:
     """The one rule that says which LaVIN parameters train, by name."""
     if args.method == "mma":
-        # The official rule (train.py of luogen1996/LaVIN): trainable iff the name contains "adapter" — the LLaMA and CLIP adapters, the
-        # neck `adapter_proj` and `adapter_modality_embedding`. No bias or norm tuning. Without routers the modality
-        # token reaches the loss nowhere (it is masked from every other position), so it would get no gradient: frozen.
+        # The official rule (train.py of luogen1996/LaVIN): trainable iff the name contains "adapter" — the LLaMA and
+        # CLIP adapters, the neck `adapter_proj` and `adapter_modality_embedding`. No bias or norm tuning. Without
+        # routers the modality token reaches the loss nowhere (it is masked from every other position), so it would
+        # get no gradient: frozen.
         return "adapter" in name and not (args.router == "none" and "modality" in name)
     if args.method in ("lora", "mixlora"):
         # LoRA factors (+ MixLoRA routers, which only learn in the score-weighted mode) and the visual neck, kept from

@@ -163,8 +163,8 @@ class VisionTransformer(nn.Module):
         if args.image_size % args.patch_size:
             raise ValueError(f"image_size {args.image_size} is not a multiple of patch_size {args.patch_size}")
         if not 1 <= args.feature_every <= args.layers:
-            raise ValueError(f"a {args.layers}-block tower gives no visual token with the class token taken after every "
-                             f"{args.feature_every}th block: choose --clip_every between 1 and {args.layers}")
+            raise ValueError(f"a {args.layers}-block tower gives no visual token with the class token taken after "
+                             f"every {args.feature_every}th block: choose --clip_every between 1 and {args.layers}")
         self.args = args
         W, grid = args.width, args.image_size // args.patch_size
         # Patchify: a conv whose kernel and stride both equal the patch size applies one linear map to each

@@ -383,9 +383,9 @@ def encode_dialogue(tok, turns: list, has_image: bool, max_seq_len: int = 512, *
 
     `turns` is a list of (user, assistant); the last assistant may be None for inference (the sequence then ends
     in "Response:"). The official pipeline never trains on a dialogue: it keeps only the first turn, or makes every
-    turn its own sample without history (README, difference 12). Keeping the history is what a chat front-end needs, so this
-    is the single place the chat template lives (sample.py uses it). A 1-turn dialogue equals encode_example of
-    build_instruction(user, None).
+    turn its own sample without history (README, difference 12). Keeping the history is what a chat front-end needs,
+    so this is the single place the chat template lives (sample.py uses it). A 1-turn dialogue equals encode_example
+    of build_instruction(user, None).
 
     Too long: for training, whole turns are dropped from the end (keeping the conversation's start, like the
     official tail cut); for inference, from the start (keeping the newest question). A lone turn is cut by _fit.
@@ -583,7 +583,8 @@ def _llava_turns(conversations, pid):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack dataset items into a batch (the layout model.LaVIN.forward takes). Pads on the right to the longest row of *this* batch.
+    """Stack dataset items into a batch (the layout model.LaVIN.forward takes). Pads on the right to the longest row
+    of *this* batch.
 
     The official loader pads every sample to max_seq_len=512 up front; the attention and loss ignore the pads either
     way, so padding to the batch maximum gives the same loss for a fraction of the compute (quiz samples are ~60

@@ -561,8 +561,9 @@ def inference_setup(args, evaluating: bool = True):
                                           "data_dir")}
     model, tok, info = load_for_inference(ckpt, device, frozen, over)
     limit = model.llama.args.max_seq_len  # prompt (< limit) + answer then fit the RoPE tables (2 x limit)
-    check_flags(args, [("max_new_tokens", lambda v: v <= limit, f"in [1, {limit}] (the model's max_seq_len: prompt "
-                                                                 f"and answer must fit its RoPE table of 2 x {limit})")])
+    check_flags(args, [("max_new_tokens", lambda v: v <= limit,
+                        f"in [1, {limit}] (the model's max_seq_len: prompt and answer must fit its RoPE table "
+                        f"of 2 x {limit})")])
     return rank, world, device, model, tok, info
 
 

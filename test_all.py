@@ -60,8 +60,8 @@ from model import (IGNORE, LLAMA_PRESETS, LaVIN, ModelArgs, Transformer, apply_r
                    load_llama, rope_tables)
 from router import FactorRouter, default_tau
 from train import wrap_model
-from weights import (SAFETENSORS_DTYPES, SafeTensors, convert_official_lavin, convert_openai_state_dict, load_checkpoint,
-                     save_checkpoint, save_safetensors, to_openai_state_dict)
+from weights import (SAFETENSORS_DTYPES, SafeTensors, convert_official_lavin, convert_openai_state_dict,
+                     load_checkpoint, save_checkpoint, save_safetensors, to_openai_state_dict)
 
 
 # =====================================================================================================================
@@ -642,7 +642,8 @@ def official_state_dict(model: LaVIN) -> dict:
         k = (k.replace(".down.", ".conv_A.").replace(".up0.", ".conv_B.").replace(".up1.", ".conv_D.")
              .replace(".router.proj.", ".expert_weights.").replace("adapter_proj.fc1", "adapter_proj.conv_A")
              .replace("adapter_proj.fc2", "adapter_proj.conv_B"))
-        if ("conv_A" in k and "adapter_proj" not in k) or ".conv_B." in k and "adapter_proj" not in k or ".conv_D." in k:
+        if (("conv_A" in k and "adapter_proj" not in k) or ".conv_B." in k and "adapter_proj" not in k
+                or ".conv_D." in k):
             v = v[..., None] if k.endswith("weight") else v  # Conv1d weights carry a kernel axis of 1
         out[k] = v
     return out
@@ -805,7 +806,8 @@ def test_clip_parity_with_openai_reference(tmp_path):
         want = ref(images)  # (3, 48)
         # CLS after each reference block, through hooks: the output is (L, N, D), so row 0 is the CLS of every image
         cls = []
-        hooks = [b.register_forward_hook(lambda m, i, o: cls.append(o[0].clone())) for b in ref.visual.transformer.resblocks]
+        hooks = [b.register_forward_hook(lambda m, i, o: cls.append(o[0].clone()))
+                 for b in ref.visual.transformer.resblocks]
         ref(images)
         for h in hooks:
             h.remove()
@@ -935,7 +937,8 @@ def test_clip_preprocess_all_modes():
     pt.info["transparency"] = bytes(range(256))  # palette transparency: Pillow warns unless handled
     images = {m: base.convert(m) for m in ("RGB", "RGBA", "P", "L", "1", "CMYK", "LA")}
     images.update({"P+transparency": pt, "I;16": Image.fromarray(grey16.astype(np.uint16)),
-                   "I": Image.fromarray(grey16.astype(np.int32)), "F": Image.fromarray(grey16.astype(np.float32) / 257)})
+                   "I": Image.fromarray(grey16.astype(np.int32)),
+                   "F": Image.fromarray(grey16.astype(np.float32) / 257)})
     assert images["I;16"].mode == "I;16" and images["I"].mode == "I" and images["F"].mode == "F"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1003,7 +1006,8 @@ def test_clip_16bit_full_range(tmp_path):
 
 def torch_bicubic_reference(rgb: np.ndarray, size=224) -> torch.Tensor:
     """An independent preprocessing: torch's antialiased bicubic (Keys a=-0.5, PIL's kernel and support, computed in
-    float instead of PIL's 8-bit fixed point), then ToTensor + ImageNet Normalize. (H, W, 3) uint8 -> (3, size, size)."""
+    float instead of PIL's 8-bit fixed point), then ToTensor + ImageNet Normalize.
+    (H, W, 3) uint8 -> (3, size, size)."""
     t = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]  # (1, 3, H, W)
     t = F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
     return (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
@@ -1069,7 +1073,8 @@ def test_clip_load_clip_reads_transformers_save_pretrained(tmp_path):
     ours = load_clip(tmp_path, feature_every=1)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        hidden = theirs.vision_model(pixel_values=images, output_hidden_states=True).hidden_states  # (1 + L) x (B, T, W)
+        hidden = theirs.vision_model(pixel_values=images,
+                                     output_hidden_states=True).hidden_states  # (1 + L) x (B, T, W)
         torch.testing.assert_close(ours(images), torch.stack([h[:, 0] for h in hidden[1:]], 1), rtol=1e-5, atol=1e-5)
         want = theirs.get_image_features(pixel_values=images)
         want = getattr(want, "pooler_output", want)  # transformers 5 wraps it in an output object
@@ -1381,7 +1386,8 @@ def test_adapters_fold_into_a_4bit_base(method):
     tokens, has_image, _, _, _ = make_batch()
     with torch.no_grad():
         ref = model(tokens[:1], has_image[:1])
-        gen = generate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)  # the KV cache takes the 4-bit weight's dtype
+        # the KV cache takes the 4-bit weight's dtype
+        gen = generate.generate(model, [[1, 5, 6, 7]], [0], max_new_tokens=4)
         model.merge(0)
         assert isinstance(model.llama.layers[0].attention.wq.weight, nn.Parameter)  # a dense, merged copy
         torch.testing.assert_close(model(tokens[:1], has_image[:1]), ref, rtol=1e-4, atol=1e-4)
@@ -1966,11 +1972,13 @@ def test_data_scienceqa_length_percentiles():
     tok = data.Tokenizer(LLAMA_TOK)
     test = json.loads((SQA / "problems_test_reconstructed.json").read_text())
     full = json.loads((SQA / "problems_sample150.json").read_text())
-    prompt_side = [1 + len(data.encode_prompt(tok, data.build_prompt(r)[0], bool(r["image"]), n_visual=NV)) for r in test.values()]
+    prompt_side = [1 + len(data.encode_prompt(tok, data.build_prompt(r)[0], bool(r["image"]), n_visual=NV))
+                   for r in test.values()]
     answer_side = []
     for r in full.values():
         prompt, answer = data.build_prompt(r)
-        answer_side.append(int((data.encode_example(tok, prompt, answer, False, 10**6, n_visual=NV)["labels"] != IGNORE).sum()))
+        answer_side.append(int((data.encode_example(tok, prompt, answer, False, 10**6, n_visual=NV)["labels"]
+                                != IGNORE).sum()))
     pairs = np.add.outer(np.array(prompt_side), np.array(answer_side)).ravel()  # every prompt with every answer
     got = {q: int(round(np.percentile(pairs, q))) for q in data.SCIENCEQA_TRAIN_LENGTH_PERCENTILES}
     print("\nSCIENCEQA_TRAIN_LENGTH_PERCENTILES =", got, f"(> 512: {(pairs > 512).mean():.2%})")
@@ -2105,7 +2113,8 @@ def test_data_encode_dialogue(quiz, tok):
     assert tok.decode(inf["tokens"]).endswith("Response:") and inf["tokens"][-1] != tok.eos_id
     assert (inf["labels"] != IGNORE).sum() == lab.sum()
     # Too long for inference: the oldest turns go, the new question stays.
-    short = data.encode_dialogue(tok, turns + [("How many shapes are there?", None)], True, len(inf["tokens"]) - 3, n_visual=NV)
+    short = data.encode_dialogue(tok, turns + [("How many shapes are there?", None)], True, len(inf["tokens"]) - 3,
+                                 n_visual=NV)
     assert short["truncated"] and tok.decode(short["tokens"]).endswith("How many shapes are there?\nResponse:")
 
 
@@ -2122,7 +2131,8 @@ def test_data_instruction_dataset(tmp_path, quiz, tok):
     ds = data.InstructionDataset(tmp_path / "mix.json", tok, image_dir=image.parent, image_size=32, n_visual=NV)
     a, b = ds[0], ds[1]
     assert a["has_image"] and a["image"].shape == (3, 32, 32) and not b["has_image"] and b["image"] is None
-    assert "<image>" not in tok.decode(a["tokens"]) and "Instruction: What color is the circle?\nResponse:" in tok.decode(a["tokens"])
+    assert ("<image>" not in tok.decode(a["tokens"])
+            and "Instruction: What color is the circle?\nResponse:" in tok.decode(a["tokens"]))
     assert tok.decode(b["tokens"]).endswith("Instruction: Which word is a noun? \nResponse:The word apple is a noun.")
     batch = data.collate([a, b])
     assert batch["images"].shape == (1, 3, 32, 32) and batch["has_image"].tolist() == [1, 0]
@@ -2166,7 +2176,8 @@ def test_data_bad_inputs(tmp_path, quiz, tok):
     root = tmp_path / "sqa"
     for p in img_pids[2:]:
         (root / "images" / "train" / p).mkdir(parents=True)
-        (root / "images" / "train" / p / "image.png").write_bytes((folder / "images" / "train" / p / "image.png").read_bytes())
+        (root / "images" / "train" / p / "image.png").write_bytes(
+            (folder / "images" / "train" / p / "image.png").read_bytes())
     (root / "images" / "train" / corrupt).mkdir(parents=True)
     (root / "images" / "train" / corrupt / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "pid_splits.json").write_text(json.dumps(splits))
@@ -2185,7 +2196,8 @@ def test_data_bad_inputs(tmp_path, quiz, tok):
     assert corrupt in ds.skipped[1][1] and "image.png" in ds.skipped[1][1]
     # Without skip_bad the corrupt file is found when the item is read, and the error names pid and path.
     (root / "images" / "train" / missing).mkdir(parents=True)
-    (root / "images" / "train" / missing / "image.png").write_bytes((folder / "images" / "train" / missing / "image.png").read_bytes())
+    (root / "images" / "train" / missing / "image.png").write_bytes(
+        (folder / "images" / "train" / missing / "image.png").read_bytes())
     ds = data.ScienceQADataset(root, "train", tok, image_size=32, n_visual=NV)
     i = [s["pid"] for s in ds.samples].index(corrupt)
     with pytest.raises(ValueError, match=rf"problem {corrupt}: cannot load image .*{corrupt}/image.png"):
@@ -2225,7 +2237,8 @@ def test_generate_batched_equals_alone_and_cache_equals_recompute():
     batched = generate.generate(model, prompts, has_image, images, max_new_tokens=5, eos_id=-1)
     for b in range(3):
         img = images[b - 1:b] if has_image[b] else None
-        assert generate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0] == batched[b]
+        assert (generate.generate(model, [prompts[b]], has_image[b:b + 1], img, max_new_tokens=5, eos_id=-1)[0]
+                == batched[b])
         seq = list(prompts[b])
         for _ in range(5):  # full recomputation, no cache
             t = torch.tensor([seq])
@@ -2246,9 +2259,10 @@ def test_generate_takes_packed_path_with_the_same_tokens():
     p = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
     p[:, 0] = 1
     layer = model.llama.layers[1]
-    out = generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1, on_token=lambda _: seen.append(
-        all(isinstance(m, PackedLinear) for m in (model.llama.output, layer.feed_forward.w2, layer.attention.wqkv,
-                                                   layer.feed_forward.w13))))
+    out = generate.generate(model, p.tolist(), [False] * 3, None, max_new_tokens=6, eos_id=-1,
+                            on_token=lambda _: seen.append(all(
+                                isinstance(m, PackedLinear) for m in (model.llama.output, layer.feed_forward.w2,
+                                                                      layer.attention.wqkv, layer.feed_forward.w13))))
     assert seen == [True] * 6
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert layer.attention.wqkv is None and layer.feed_forward.w13 is None  # q/k/v and w1/w3 stacked only meanwhile
@@ -2305,15 +2319,18 @@ def test_generate_batch_equals_alone(model, tok):
     assert len({len(p) for p in ps}) == 4
     imgs = images(2)  # (2, 3, 64, 64): the two image rows, in batch order
     batch = generate.generate(model, ps, has, imgs, max_new_tokens=12)
-    alone = [generate.generate(model, [ps[0]], [True], imgs[:1], 12)[0], generate.generate(model, [ps[1]], [False], None, 12)[0],
-             generate.generate(model, [ps[2]], [True], imgs[1:], 12)[0], generate.generate(model, [ps[3]], [False], None, 12)[0]]
+    alone = [generate.generate(model, [ps[0]], [True], imgs[:1], 12)[0],
+             generate.generate(model, [ps[1]], [False], None, 12)[0],
+             generate.generate(model, [ps[2]], [True], imgs[1:], 12)[0],
+             generate.generate(model, [ps[3]], [False], None, 12)[0]]
     assert batch == alone
 
 
 def test_generate_chat_prompt_follows_the_training_format(tok):
     """A ScienceQA-trained model is prompted exactly as in training; a chatbot with the instruction template."""
     line = "What color is the circle? (A) red (B) green"
-    ids = generate.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line, True, 200)
+    ids = generate.chat_prompt(tok, {"chat": "scienceqa", "prompt_format": "QCM-EA", "n_visual": NV}, [], line,
+                               True, 200)
     expected = "Question: What color is the circle?\nContext: N/A\nOptions: (A) red (B) green\nResponse:"
     assert ids == data.encode_prompt(tok, expected, True, n_visual=NV)
     ids = generate.chat_prompt(tok, {"chat": "instruction", "n_visual": NV}, [("hi", "hello")], line, False, 200)
@@ -2331,7 +2348,8 @@ def test_generate_chat_prompt_follows_the_training_format(tok):
 def test_evaluate_parse_answer():
     rng = random.Random(0)
     assert evaluate.parse_answer("...Response:The answer is B. BECAUSE: x", 3, rng) == (1, False)
-    assert evaluate.parse_answer("The answer is C? The answer is A.", 3, rng) == (2, False)  # first match; "." is any char
+    # first match; "." is any char
+    assert evaluate.parse_answer("The answer is C? The answer is A.", 3, rng) == (2, False)
     assert evaluate.parse_answer("The answer is B", 3, rng)[1]  # needs a character after the letter
     idx, fb = evaluate.parse_answer("The answer is D.", 3, rng)  # letter beyond the choices
     assert fb and 0 <= idx < 3
@@ -2354,7 +2372,8 @@ def test_evaluate_score_table():
         "8": rec(1, "natural science", "", None, "grade2"),  # NO, answered by the random fallback
     }
     texts = {"1": "The answer is A.", "2": "The answer is B.", "3": "The answer is A.", "4": "The answer is A.",
-             "5": "The answer is C.", "6": "The answer is C.", "7": "The answer is B.", "8": "I do not know"}  # fmt: skip
+             "5": "The answer is C.", "6": "The answer is C.", "7": "The answer is B.",
+             "8": "I do not know"}  # fmt: skip
     rng = random.Random(0)
     preds, n_fb = {}, 0
     for pid, t in texts.items():
@@ -2736,7 +2755,8 @@ def test_train_every_method_trains(tiny_setup, method, tmp_path):
     assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2, ls  # falling
 
 
-@pytest.mark.parametrize("extra", [[], ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"]], ids=["mma", "qlora"])
+@pytest.mark.parametrize("extra", [[], ["--method", "lora", "--lora_rank", "4", "--quant", "nf4"]],
+                         ids=["mma", "qlora"])
 def test_train_resume_is_exact(tiny_setup, tmp_path, extra):
     full, part = tmp_path / "full", tmp_path / "part"
     train.main(tiny_setup["flags"] + extra + ["--out_dir", str(full), "--max_steps", "5"])
@@ -2831,7 +2851,8 @@ def _text_only_rank_worker(rank, world, fsdp):
 
     text, image = [0], [1, 2]
     mine = [[text, image][rank]] * 3 + [[image, text][rank]] * 3
-    cases = {"mma": lambda: tiny_lavin("mma", adapter_dropout=0.0), "lora": lambda: tiny_lavin("lora", lora_dropout=0.0),
+    cases = {"mma": lambda: tiny_lavin("mma", adapter_dropout=0.0),
+             "lora": lambda: tiny_lavin("lora", lora_dropout=0.0),
              "lite-nf4": lambda: quantize_llama_(tiny_lavin("mma", adapter_dropout=0.0))}
     for name, make in cases.items():
         ref_model = make().train()
@@ -3001,7 +3022,8 @@ def test_demo_answers_equal_sample_one_shot(demo_server, ckpt, quiz):
         alone = generate.generate(app.model, [ids], [has], image[None] if has else None, 24, eos_id=app.tok.eos_id)
         assert r["usage"]["completion_tokens"] == len(alone[0]) and r["usage"]["prompt_tokens"] == len(ids)
         lv = r["lavin"]
-        assert lv["router_weights"] == app.routing[int(has)] and len(lv["router_weights"]) == app.model.llama.args.n_layers
+        assert (lv["router_weights"] == app.routing[int(has)]
+                and len(lv["router_weights"]) == app.model.llama.args.n_layers)
         assert all(abs(sum(w) - 1) < 1e-5 for w in lv["router_weights"]) and lv["ttft_s"] > 0
     assert http_call(url + "/health")[:2] == (200, {"status": "ok"})
     assert http_call(url + "/v1/models")[1]["data"][0]["id"] == "lavin"
@@ -3424,7 +3446,8 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
         train_("--batch_size", "8", "--micro_batch", "3") + ("--batch_size 8: must be a multiple of --micro_batch",),
         ("train.py", [*t[:t.index("--no_eval")], *t[t.index("--no_eval") + 1:], *out, "--eval_split", "dev"],
          "--eval_split dev: not a split of"),
-        train_("--eval_max_new_tokens", "100000") + ("--eval_max_new_tokens 100000: must be in [1, --max_seq_len 160]",),
+        train_("--eval_max_new_tokens", "100000")
+        + ("--eval_max_new_tokens 100000: must be in [1, --max_seq_len 160]",),
         train_("--dtype", "bf16") + ("--dtype bf16: for GPUs",) if not torch.cuda.is_available() else None,
         train_("--lora_targets", "q,zz", "--method", "lora") + ("zz",),
         train_("--prompt_format", "QQQ-A") + ("--prompt_format QQQ-A: must be INPUT-OUTPUT",),
@@ -3438,13 +3461,15 @@ def bad_input_table(tiny_setup, ckpt, tmp_path):
         train_("--clip_path", "/no/such.pt") + ("--clip_path /no/such.pt: no such file",),
         train_("--data_dir", str(bad_json)) + (f"{bad_json}/pid_splits.json is not valid JSON",),
         train_("--llama_dir", str(trunc)) + (f"cannot read LLaMA checkpoint {trunc}/consolidated.00.pth: corrupt",),
-        train_("--clip_path", str(evil)) + (f"cannot read CLIP checkpoint {evil}: it holds a pickled print, which the safe loader refuses",),
+        train_("--clip_path", str(evil)) + (f"cannot read CLIP checkpoint {evil}: it holds a pickled print, which the "
+                                            "safe loader refuses",),
         ("train.py", [*t, "--out_dir", str(held)], f"--out_dir {held}: already holds a checkpoint"),
         ("train.py", [*t, "--out_dir", str(a_file)], f"--out_dir {a_file}: cannot write there"),
         ("train.py", ["--llama_dir", str(llama_dir)], "--clip_path: required when training on real data"),
         ("train.py", ["--resume", str(tmp_path / "none.pt")], f"checkpoint {tmp_path}/none.pt not found"),
         ("train.py", ["--resume", str(junk)], f"cannot read checkpoint {junk}: corrupt or truncated"),
-        ("train.py", ["--resume", str(held / "ckpt.pt"), "--epochs", "5"], "--epochs: a resumed run keeps its checkpoint's value (2)"),
+        ("train.py", ["--resume", str(held / "ckpt.pt"), "--epochs", "5"],
+         "--epochs: a resumed run keeps its checkpoint's value (2)"),
         ("sample.py", [*c, "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
         ("sample.py", [*c, "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
         ("sample.py", [*c, "--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
@@ -3494,9 +3519,9 @@ def test_cli_only_rank_0_reports_an_error_every_rank_meets(tiny_setup, tmp_path,
     def unreadable():
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), "/data/img.png")
 
-    for rank, main, code, expected in (("1", stopped, 143, []), ("0", stopped, 143, ["error: stopped by SIGTERM "
-                                       "after step 3, saved"]), ("1", unreadable, 1, ["error: rank 1: Permission denied: "
-                                                                                      "/data/img.png"])):
+    for rank, main, code, expected in (("1", stopped, 143, []),
+                                       ("0", stopped, 143, ["error: stopped by SIGTERM after step 3, saved"]),
+                                       ("1", unreadable, 1, ["error: rank 1: Permission denied: /data/img.png"])):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

@@ -90,7 +90,8 @@ def make_parser():
     g.add_argument("--warmup_epochs", type=float, default=2.0)
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--loss_norm", default="global", choices=["global", "official"],
-                   help="global: mean over the labelled tokens of the whole step on all ranks; official: per micro-batch")
+                   help="global: mean over the labelled tokens of the whole step on all ranks; official: per "
+                   "micro-batch")
     g.add_argument("--max_steps", type=int, default=None, help="end training early, after this many optimizer "
                    "steps (smoke runs; the lr schedule stays --epochs'); the final evaluation still runs "
                    "unless --no_eval")

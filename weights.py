@@ -204,9 +204,10 @@ def read_weights(path, what: str = "checkpoint") -> Mapping:
 
 
 def check_state_dict(expected: Mapping, got: Mapping, what: str, hint: str, allowed: Mapping | None = None):
-    """Before load_state_dict gives a vaguer error: every tensor of `expected` must be in `got`, and every tensor of
-    `got` must be in `allowed` (default `expected`) with that shape. Lists each kind of mismatch (a count, the first 8)
-    in one ValueError whose first line is `what` and `hint` (how to fix it). Values: tensors, or anything with .shape."""
+    """Before load_state_dict gives a vaguer error: every tensor of `expected` must be in `got`, and every tensor
+    of `got` must be in `allowed` (default `expected`) with that shape. Lists each kind of mismatch (a count, the
+    first 8) in one ValueError whose first line is `what` and `hint` (how to fix it). Values: tensors, or
+    anything with .shape."""
     allowed = expected if allowed is None else allowed
     found = {"missing": [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in got],
              "unexpected": [k for k in got if k not in allowed],
@@ -407,7 +408,8 @@ def to_openai_state_dict(sd):
     out = {}
     for key, value in sd.items():
         key = key.replace("blocks.", "transformer.resblocks.", 1) if key.startswith("blocks.") else key
-        key = key.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+        key = (key.replace("attn.in_proj.weight", "attn.in_proj_weight")
+                  .replace("attn.in_proj.bias", "attn.in_proj_bias"))
         out["visual." + key] = value
     return out
 
@@ -478,12 +480,16 @@ def read_clip(path) -> tuple[dict, dict]:
 
 def convert_official_lavin(sd: dict) -> dict:
     """
-    Official LaVIN adapter keys (the released checkpoint-*.pth) -> ours. The official modules are 1x1 Conv1d, so their weights carry a
-    trailing kernel axis of size 1 that we drop; names map as:
-      layers.{i}.adapter_attn.conv_A / conv_B / conv_D / expert_weights -> llama.layers.{i}.adapter_attn.down/up0/up1/router.proj
-      backbone.visual.transformer.resblocks.{j}.adapter_attn.*         -> visual.blocks.{j}.adapter_attn.*
-      adapter_proj.conv_A / conv_B (plain linears despite the name)      -> adapter_proj.fc1 / fc2
-      adapter_modality_embedding.weight                                 -> unchanged
+    Official LaVIN adapter keys (the released checkpoint-*.pth) -> ours. The official modules are 1x1 Conv1d, so their
+    weights carry a trailing kernel axis of size 1 that we drop; names map as:
+      layers.{i}.adapter_attn.conv_A / conv_B / conv_D / expert_weights
+          -> llama.layers.{i}.adapter_attn.down/up0/up1/router.proj
+      backbone.visual.transformer.resblocks.{j}.adapter_attn.*
+          -> visual.blocks.{j}.adapter_attn.*
+      adapter_proj.conv_A / conv_B (plain linears despite the name)
+          -> adapter_proj.fc1 / fc2
+      adapter_modality_embedding.weight
+          -> unchanged
     """
     parts = {"conv_A": "down", "conv_B": "up0", "conv_D": "up1", "expert_weights": "router.proj"}
     out = {}
