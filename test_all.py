@@ -196,17 +196,28 @@ def ckpt(tok, quiz, tmp_path_factory):
     return path
 
 
-def run(cmd, stdin=None, nproc=None):
-    """Run a script of this folder (`python` or `torchrun --nproc_per_node nproc`), 1 thread per process; its stdout."""
+def run(cmd, stdin=None, nproc=None, timeout=300):
+    """Run a script of this folder (`python` or `torchrun --nproc_per_node nproc`), 1 thread per process; its stdout.
+    One that does not end in `timeout` s is ended with every process it started, and the test fails with its output.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # 1 thread each: the CI box has 2 cores
     cmd = [str(ROOT / cmd[0]), *cmd[1:]]  # run from the test's own folder (away_from_checkout), not the checkout
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd
     else:
         cmd = [sys.executable] + cmd
-    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    proc = subprocess.Popen(cmd, stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: torchrun then ends its ranks (each in a session of its own, which a kill of torchrun
+        # alone would leave running, stuck, beside the next tests), with SIGKILL for a rank that does not stop.
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+        pytest.fail(f"{cmd} did not end in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
 
 
 def spawn(worker, *args, world=2):
