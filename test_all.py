@@ -198,8 +198,7 @@ def ckpt(tok, quiz, tmp_path_factory):
 
 def run(cmd, stdin=None, nproc=None, timeout=300):
     """Run a script of this folder (`python` or `torchrun --nproc_per_node nproc`), 1 thread per process; its stdout.
-    One that does not end in `timeout` s is ended with every process it started, and the test fails with its output.
-    """
+    One that does not end in `timeout` s is ended, ranks and all, and the test fails with its output (finish)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # 1 thread each: the CI box has 2 cores
     cmd = [str(ROOT / cmd[0]), *cmd[1:]]  # run from the test's own folder (away_from_checkout), not the checkout
     if nproc:
@@ -208,14 +207,7 @@ def run(cmd, stdin=None, nproc=None, timeout=300):
         cmd = [sys.executable] + cmd
     proc = subprocess.Popen(cmd, stdin=None if stdin is None else subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        out, err = proc.communicate(stdin, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM, not SIGKILL: torchrun then ends its ranks (each in a session of its own, which a kill of torchrun
-        # alone would leave running, stuck, beside the next tests), with SIGKILL for a rank that does not stop.
-        proc.terminate()
-        out, err = proc.communicate(timeout=120)
-        pytest.fail(f"{cmd} did not end in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    out, err = finish(proc, timeout, stdin=stdin)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     return out
 
@@ -3561,7 +3553,8 @@ def wait_for(predicate, proc, timeout=240):
     t0 = time.time()
     while not predicate():
         assert proc.poll() is None, finish(proc)
-        assert time.time() - t0 < timeout, "timed out: " + str(finish(proc, kill=True))
+        if time.time() - t0 > timeout:
+            finish(proc, timeout=0)  # ends it, ranks and all, and fails the test with what it printed
         time.sleep(0.05)
 
 
@@ -3575,16 +3568,18 @@ def start(argv, cwd=None, nproc=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=reset)
 
 
-def finish(proc, timeout=120, kill=False):
-    """(stdout, stderr) of a child that is ending; one that does not end in time is killed, and the test fails
-    with what it printed."""
+def finish(proc, timeout=120, kill=False, stdin=None):
+    """(stdout, stderr) of a child that is ending (SIGKILLed first with `kill`; `stdin`: text to write to it). One that
+    does not end in `timeout` s is ended and the test fails with what it printed."""
     if kill:
         proc.kill()
     try:
-        return proc.communicate(timeout=timeout)
+        return proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        # SIGTERM, not SIGKILL: torchrun then ends its ranks (each in a session of its own, which a kill of torchrun
+        # alone would leave running, stuck, beside the next tests), with SIGKILL for a rank that does not stop.
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
         pytest.fail(f"{proc.args} did not end in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
 
 
